@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make train   # create/refresh .venv, generate the shapes shards, train the embedded default
+#   make test    # create/refresh .venv, run the test suite (slow tests excluded)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The environment is rebuilt whenever pyproject.toml changes.
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: env data train test test-all clean-runs
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+data: $(STAMP)
+	$(BIN)/python -m sd3train.tools.make_shapes --out data/shapes
+
+train: data
+	WANDB_SILENT=true $(BIN)/sd3train-train experiment=tiny_cpu $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs outputs

@@ -1,0 +1,211 @@
+"""Typed schemas for every Hydra config group.
+
+Fields without a default are required: a config that leaves them out fails validation.
+`sd3train.config.validate` checks a composed config against these classes, listing every
+problem (unknown key, wrong type, missing value, impossible combination) in one error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """MM-DiT. Width defaults to 64 * depth and heads to depth, as in SD3."""
+
+    depth: int
+    hidden_size: Optional[int] = None  # None: 64 * depth
+    num_heads: Optional[int] = None  # None: depth
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: Optional[int] = None  # None: in_channels
+    mlp_ratio: float = 4.0
+    context_dim: int = 4096  # width of the text context (T5 width)
+    pooled_dim: int = 2048  # CLIP-L pooled + bigG pooled
+    pos_embed_max_size: int = 192
+    sample_size: int = 128  # latent side of the base resolution; sets the sin-cos grid scale
+    qk_norm: Optional[str] = None  # None or "rms"
+    dual_attention_layers: list[int] = field(default_factory=list)  # MMDiT-X extra image self-attention
+    qkv_bias: bool = True
+
+
+@dataclass
+class VAEConfig:
+    """SD3 AutoencoderKL. `weights` is a local safetensors file or folder; None keeps random weights."""
+
+    latent_channels: int = 16
+    in_channels: int = 3
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    shift_factor: float = 0.0609
+    scaling_factor: float = 1.5305
+    weights: Optional[str] = None
+
+
+@dataclass
+class CLIPEncoderConfig:
+    """A CLIP text tower (transformers CLIPTextModelWithProjection)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    projection_dim: int
+    hidden_act: str = "quick_gelu"
+    max_length: int = 77
+    # SD3 pads CLIP-L with the end token and bigG with "!" (id 0).
+    pad_with_end: bool = True
+
+
+@dataclass
+class T5EncoderConfig:
+    """A T5 v1.1 encoder (transformers T5EncoderModel)."""
+
+    d_model: int = 4096
+    num_layers: int = 24
+    num_heads: int = 64
+    d_kv: int = 64
+    d_ff: int = 10240
+    feed_forward_proj: str = "gated-gelu"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    max_length: int = 77
+
+
+@dataclass
+class TextConfig:
+    """The three text encoders, their tokenizers and SD3's per-encoder zero-dropout."""
+
+    clip_l: CLIPEncoderConfig
+    clip_g: CLIPEncoderConfig
+    t5: T5EncoderConfig
+    # Folder with the T5 sentencepiece model (spiece.model); relative paths are from the repo root.
+    t5_tokenizer: str = "data/tokenizers/t5_tiny"
+    # Folder with vocab.json/merges.txt; None derives them from the BPE vocabulary open_clip ships.
+    clip_tokenizer: Optional[str] = None
+    dropout_clip_l: float = 0.464
+    dropout_clip_g: float = 0.464
+    dropout_t5: float = 0.464
+    # Random initialisation seed when no weights are given (tiny configs): the same seed gives the
+    # same frozen encoders in training and sampling.
+    init_seed: int = 0
+    weights: Optional[str] = None
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 28
+    guidance_scale: float = 7.0
+    shift: float = 3.0
+    # Unconditional branch of CFG: "zeros" (what dropout trains) or "empty_prompt" (diffusers).
+    uncond: str = "zeros"
+
+
+@dataclass
+class DiffusionConfig:
+    """Rectified-flow training: timestep density, shift, and the sampler used for previews."""
+
+    density: str = "logit_normal"  # logit_normal | mode | cosmap | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0  # static shift applied to training timesteps
+    # If set, the shift is sqrt(pixels / base_pixels) for this training resolution (SD3's rule).
+    resolution_dependent_shift: bool = False
+    base_resolution: int = 256
+    num_loss_bins: int = 10
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/shapes/train-{000000..000007}.tar"
+    val_shards: Optional[str] = "data/shapes/val-000000.tar"
+    resolution: int = 64
+    batch_size: int = 32
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    image_key: str = "jpg;jpeg;png;webp"
+    caption_key: str = "txt"
+    val_batches: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    grad_clip: Optional[float] = 1.0
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    start_step: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """End-of-run evaluation and periodic sample grids."""
+
+    prompts: list[str] = field(default_factory=list)
+    num_colour_prompts: int = 0  # >0: measure eval/colour_adherence on this many grammar prompts
+    seed: int = 1_000_000  # seeds from here on are never used by training
+    sample_every_n_steps: int = 0  # 0: only at the end
+    num_sample_prompts: int = 8
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    # "auto": continue from the newest checkpoint in the run directory; "never"; or a checkpoint path.
+    resume: str = "auto"
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 500
+    checkpoint_every_n_steps: int = 500
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    # "offline" writes locally (sync later with `wandb sync`); "online" needs an API key.
+    wandb_mode: str = "offline"
+    project: str = "sd3train"
+    entity: Optional[str] = None
+    csv: bool = True
+
+
+@dataclass
+class PathsConfig:
+    runs_dir: str = "runs"
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """The whole composed config (`conf/config.yaml`)."""
+
+    experiment_name: str  # names the run directory, with run_name
+    run_name: str
+    model: ModelConfig
+    vae: VAEConfig
+    text: TextConfig
+    diffusion: DiffusionConfig
+    data: DataConfig
+    optim: OptimConfig
+    ema: EMAConfig
+    eval: EvalConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    paths: PathsConfig

@@ -1,0 +1,115 @@
+"""Cross-field validation of a composed config, before any model is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from sd3train.config.schema import TrainConfig
+from sd3train.config.typed import ConfigError, build_typed
+
+DENSITIES = ("logit_normal", "mode", "cosmap", "uniform")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+WANDB_MODES = ("online", "offline", "disabled")
+UNCOND_MODES = ("zeros", "empty_prompt")
+
+
+def _in_range(problems: list[str], key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        problems.append(f"{key}: {value} is outside [{low}, {high}]")
+
+
+def cross_field_problems(cfg: TrainConfig) -> list[str]:
+    """Every impossible combination in an otherwise well-typed config."""
+    problems: list[str] = []
+    model, text, vae, data = cfg.model, cfg.text, cfg.vae, cfg.data
+    hidden = model.hidden_size or 64 * model.depth
+    heads = model.num_heads or model.depth
+    if model.depth < 1:
+        problems.append(f"model.depth: must be >= 1, got {model.depth}")
+    elif hidden % heads:
+        problems.append(f"model.hidden_size: {hidden} is not divisible by model.num_heads={heads}")
+    if model.qk_norm not in (None, "rms"):
+        problems.append(f"model.qk_norm: must be null or 'rms', got {model.qk_norm!r}")
+    bad_layers = [i for i in model.dual_attention_layers if not 0 <= i < model.depth]
+    if bad_layers:
+        problems.append(f"model.dual_attention_layers: {bad_layers} outside 0..{model.depth - 1}")
+    if model.in_channels != vae.latent_channels:
+        problems.append(f"model.in_channels={model.in_channels} differs from vae.latent_channels={vae.latent_channels}")
+    if model.context_dim != text.t5.d_model:
+        problems.append(f"model.context_dim={model.context_dim} differs from text.t5.d_model={text.t5.d_model}")
+    pooled = text.clip_l.projection_dim + text.clip_g.projection_dim
+    if model.pooled_dim != pooled:
+        problems.append(f"model.pooled_dim={model.pooled_dim} differs from text.clip_l.projection_dim + "
+                        f"text.clip_g.projection_dim = {pooled}")
+    clip_width = text.clip_l.hidden_size + text.clip_g.hidden_size
+    if clip_width > text.t5.d_model:
+        problems.append(f"text.clip_l.hidden_size + text.clip_g.hidden_size = {clip_width} exceeds "
+                        f"text.t5.d_model={text.t5.d_model} (CLIP context is zero-padded to the T5 width)")
+    for name in ("dropout_clip_l", "dropout_clip_g", "dropout_t5"):
+        _in_range(problems, f"text.{name}", getattr(text, name), 0.0, 1.0)
+    downsample = 2 ** (len(vae.block_out_channels) - 1)
+    multiple = downsample * model.patch_size
+    if data.resolution % multiple:
+        problems.append(f"data.resolution={data.resolution} is not a multiple of {multiple} "
+                        f"(VAE downsampling {downsample} x model.patch_size {model.patch_size})")
+    elif data.resolution // multiple > model.pos_embed_max_size:
+        problems.append(f"data.resolution={data.resolution} gives a {data.resolution // multiple}-patch grid, "
+                        f"larger than model.pos_embed_max_size={model.pos_embed_max_size}")
+    diffusion = cfg.diffusion
+    if diffusion.density not in DENSITIES:
+        problems.append(f"diffusion.density: {diffusion.density!r} is not one of {', '.join(DENSITIES)}")
+    if diffusion.shift <= 0:
+        problems.append(f"diffusion.shift: must be > 0, got {diffusion.shift}")
+    if diffusion.logit_std <= 0:
+        problems.append(f"diffusion.logit_std: must be > 0, got {diffusion.logit_std}")
+    if diffusion.num_loss_bins < 1:
+        problems.append(f"diffusion.num_loss_bins: must be >= 1, got {diffusion.num_loss_bins}")
+    if diffusion.sampler.uncond not in UNCOND_MODES:
+        problems.append(f"diffusion.sampler.uncond: {diffusion.sampler.uncond!r} is not one of {', '.join(UNCOND_MODES)}")
+    if diffusion.sampler.num_steps < 1:
+        problems.append(f"diffusion.sampler.num_steps: must be >= 1, got {diffusion.sampler.num_steps}")
+    if data.batch_size < 1:
+        problems.append(f"data.batch_size: must be >= 1, got {data.batch_size}")
+    if data.num_workers < 0:
+        problems.append(f"data.num_workers: must be >= 0, got {data.num_workers}")
+    if cfg.optim.lr <= 0:
+        problems.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2:
+        problems.append(f"optim.betas: expected 2 values, got {len(cfg.optim.betas)}")
+    if cfg.optim.warmup_steps < 0:
+        problems.append(f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")
+    _in_range(problems, "ema.decay", cfg.ema.decay, 0.0, 1.0)
+    trainer = cfg.trainer
+    if trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps: must be >= 1, got {trainer.max_steps}")
+    if trainer.precision not in PRECISIONS:
+        problems.append(f"trainer.precision: {trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if trainer.resume not in ("auto", "never") and not Path(trainer.resume).is_file():
+        problems.append(f"trainer.resume: {trainer.resume!r} is neither 'auto', 'never' nor an existing checkpoint file")
+    if cfg.logger.wandb_mode not in WANDB_MODES:
+        problems.append(f"logger.wandb_mode: {cfg.logger.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}")
+    if cfg.paths.pretrained is not None and not Path(cfg.paths.pretrained).exists():
+        problems.append(f"paths.pretrained: {cfg.paths.pretrained} does not exist")
+    if cfg.eval.num_colour_prompts < 0:
+        problems.append(f"eval.num_colour_prompts: must be >= 0, got {cfg.eval.num_colour_prompts}")
+    return problems
+
+
+def load_config(cfg: DictConfig | dict) -> TrainConfig:
+    """Resolve, type-check and cross-check a composed config; raise ConfigError listing every problem."""
+    if isinstance(cfg, DictConfig):
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as error:  # an interpolation that cannot resolve names its key
+            raise ConfigError([str(error).splitlines()[0]]) from error
+    else:
+        plain = cfg
+    plain = {key: value for key, value in plain.items() if key != "hydra"}
+    typed, problems = build_typed(TrainConfig, plain)
+    if not problems:
+        problems = cross_field_problems(typed)
+    if problems:
+        raise ConfigError(problems)
+    return typed

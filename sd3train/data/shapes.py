@@ -1,0 +1,98 @@
+"""Procedural "coloured shapes" dataset: the embedded default's training data.
+
+Every sample is a pure function of (seed, index), so the shards written by
+`python -m sd3train.tools.make_shapes` are identical on every machine.
+
+Caption grammar: "a|an {colour} {shape} on a {background} background".
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# RGB of each shape colour; chosen far apart so a blurry tiny model's output is still classifiable.
+SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 190),
+    "orange": (250, 140, 10),
+}
+BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    colour: str
+    shape: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        article = "an" if self.colour[0] in "aeiou" else "a"
+        return f"{article} {self.colour} {self.shape} on a {self.background} background"
+
+
+def all_specs() -> list[ShapeSpec]:
+    """Every caption the grammar can produce, in a fixed order."""
+    return [
+        ShapeSpec(colour, shape, background)
+        for colour in SHAPE_COLOURS
+        for shape in SHAPES
+        for background in BACKGROUND_COLOURS
+    ]
+
+
+def parse_caption(caption: str) -> ShapeSpec:
+    """Inverse of `ShapeSpec.caption`; raises ValueError naming the caption if it is not in the grammar."""
+    words = caption.split()
+    if len(words) != 7 or words[0] not in ("a", "an") or words[3:5] != ["on", "a"] or words[6] != "background":
+        raise ValueError(f"caption {caption!r} is not in the shapes grammar")
+    spec = ShapeSpec(colour=words[1], shape=words[2], background=words[5])
+    if spec.colour not in SHAPE_COLOURS or spec.shape not in SHAPES or spec.background not in BACKGROUND_COLOURS:
+        raise ValueError(f"caption {caption!r} names an unknown colour, shape or background")
+    return spec
+
+
+def render(spec: ShapeSpec, size: int, rng: random.Random) -> Image.Image:
+    """Draw one shape of random size, position and rotation on a plain background."""
+    image = Image.new("RGB", (size, size), BACKGROUND_COLOURS[spec.background])
+    draw = ImageDraw.Draw(image)
+    colour = SHAPE_COLOURS[spec.colour]
+    radius = rng.uniform(0.22, 0.38) * size
+    cx = rng.uniform(radius, size - radius)
+    cy = rng.uniform(radius, size - radius)
+    if spec.shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
+    else:
+        corners = 4 if spec.shape == "square" else 3
+        angle0 = rng.uniform(0.0, 2.0 * math.pi)
+        points = [
+            (cx + radius * math.cos(angle0 + 2.0 * math.pi * i / corners),
+             cy + radius * math.sin(angle0 + 2.0 * math.pi * i / corners))
+            for i in range(corners)
+        ]
+        draw.polygon(points, fill=colour)
+    return image
+
+
+def make_sample(seed: int, index: int, size: int) -> tuple[Image.Image, str]:
+    """Sample `index` of the dataset with base seed `seed`: (image, caption)."""
+    rng = random.Random(f"shapes-{seed}-{index}")
+    specs = all_specs()
+    spec = specs[rng.randrange(len(specs))]
+    return render(spec, size, rng), spec.caption
+
+
+def image_to_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)

@@ -1,0 +1,186 @@
+"""Writing webdataset shards in the img2dataset layout, with a manifest.
+
+Each sample becomes `<key>.png|jpg`, `<key>.txt` and optionally `<key>.json` inside
+`{prefix}-{000000..}.tar`. Every tar is written under a temporary name and renamed once complete,
+so a reader (or a re-run after a crash) never sees half a shard. Tar headers carry fixed
+mtime/uid/gid/names, so the same samples give byte-identical shards on every machine.
+
+`manifest.json` in the output folder lists every shard (name, sample count, bytes, sha256); one
+folder may hold several prefixes (train, val): writing a prefix replaces only its own entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from PIL import Image
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+# Fixed tar header fields: reproducible shards need them independent of the clock and the user.
+TAR_MTIME = 0
+TAR_USER = "sd3train"
+TAR_GROUP = "sd3train"
+TAR_MODE = 0o444
+PNG_COMPRESS_LEVEL = 6
+JPEG_QUALITY = 95
+
+Sample = tuple[str, Union[Image.Image, bytes], str, Optional[dict]]
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def _is_shard_of(name: str, prefix: str) -> bool:
+    return re.fullmatch(re.escape(prefix) + r"-\d{6}\.tar", name) is not None
+
+
+def sha256_file(path: Union[str, Path], chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def encode_image(image: Union[Image.Image, bytes], image_format: str) -> bytes:
+    """PIL image -> PNG/JPEG bytes with fixed encoder settings (bytes pass through unchanged)."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    buffer = io.BytesIO()
+    if image_format == "png":
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    elif image_format == "jpg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    return buffer.getvalue()
+
+
+def read_manifest(out_dir: Union[str, Path]) -> Optional[dict[str, Any]]:
+    """The folder's manifest, or None if it has none (or an unreadable one)."""
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        return None
+    return manifest
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def verify_shards(out_dir: Union[str, Path], entries: list[dict], check_sha256: bool = True) -> list[str]:
+    """Problems with the listed shards on disk (missing, wrong size, wrong hash); empty when all match."""
+    problems = []
+    for entry in entries:
+        path = Path(out_dir) / entry["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif check_sha256 and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest")
+    return problems
+
+
+def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    chunk: list[Sample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_one_shard(path: Path, samples: list[Sample], image_format: str) -> dict:
+    # Imported here: webdataset imports torch (about 3 s), which an up-to-date check never needs.
+    import webdataset as wds
+
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as stream:
+            # encoder=False: we hand TarWriter bytes we encoded with fixed settings.
+            writer = wds.TarWriter(
+                stream, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False
+            )
+            for key, image, caption, extra in samples:
+                if not key or "." in key:
+                    # webdataset splits the file name at the first dot: a dotted key would break grouping.
+                    raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
+                record = {"__key__": key, image_format: encode_image(image, image_format), "txt": caption.encode("utf-8")}
+                if extra is not None:
+                    record["json"] = json.dumps(extra, sort_keys=True).encode("utf-8")
+                writer.write(record)
+            writer.close()
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return {"name": path.name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: Union[str, Path],
+    prefix: str,
+    samples_per_shard: int,
+    image_format: str = "png",
+    source: Optional[dict] = None,
+) -> list[dict]:
+    """Write `(key, image, caption, extra)` samples to `{out_dir}/{prefix}-000000.tar, ...`.
+
+    `image` is a PIL image (encoded with fixed settings) or already-encoded bytes; `extra`, if not
+    None, is stored as `<key>.json`. `source` (optional, JSON-serialisable) records how the samples
+    were made, under `manifest["sources"][prefix]`; tools compare it to skip a rebuild.
+
+    Returns this prefix's manifest entries `{"name", "samples", "bytes", "sha256"}` in shard order.
+    Shards of the same prefix listed by an older manifest and not rewritten now are deleted.
+    """
+    if samples_per_shard <= 0:
+        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    if not prefix or "/" in prefix:
+        raise ValueError(f"prefix {prefix!r} must be a non-empty file name prefix")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    entries = [
+        _write_one_shard(out_dir / shard_name(prefix, shard_index), chunk, image_format)
+        for shard_index, chunk in enumerate(_chunks(samples, samples_per_shard))
+    ]
+
+    old = read_manifest(out_dir) or {"version": MANIFEST_VERSION, "shards": [], "sources": {}}
+    kept = [entry for entry in old.get("shards", []) if not _is_shard_of(entry["name"], prefix)]
+    new_names = {entry["name"] for entry in entries}
+    for entry in old.get("shards", []):
+        if _is_shard_of(entry["name"], prefix) and entry["name"] not in new_names:
+            (out_dir / entry["name"]).unlink(missing_ok=True)
+    sources = {name: value for name, value in old.get("sources", {}).items() if name != prefix}
+    if source is not None:
+        sources[prefix] = source
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "shards": sorted(kept + entries, key=lambda entry: entry["name"]),
+        "sources": sources,
+    }
+    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    return entries

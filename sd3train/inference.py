@@ -1,0 +1,79 @@
+"""Text-to-image generation from the three components, shared by training previews and sd3train-sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from sd3train.config.schema import SamplerConfig
+from sd3train.diffusion.sampler import euler_sample
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """One noise tensor per seed, drawn on the CPU so a seed gives the same image on any device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+
+
+@torch.no_grad()
+def generate_latents(
+    model: nn.Module,
+    text: nn.Module,
+    prompts: list[str],
+    seeds: list[int],
+    latent_shape: tuple[int, int, int],
+    sampler: SamplerConfig,
+) -> torch.Tensor:
+    """Sampled latents [B, C, h, w] for `prompts`, one seed each, with CFG as configured."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    context, pooled = text.encode(prompts)
+    uncond_context = uncond_pooled = None
+    if sampler.guidance_scale != 1.0:
+        if sampler.uncond == "zeros":  # what the per-encoder dropout trained as "no caption"
+            uncond_context, uncond_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        else:
+            uncond_context, uncond_pooled = text.encode([""] * len(prompts))
+        uncond_context, uncond_pooled = uncond_context.to(device, dtype), uncond_pooled.to(device, dtype)
+    noise = initial_noise(seeds, latent_shape).to(device, dtype)
+    return euler_sample(
+        model,
+        noise,
+        context.to(device, dtype),
+        pooled.to(device, dtype),
+        num_steps=sampler.num_steps,
+        shift=sampler.shift,
+        guidance_scale=sampler.guidance_scale,
+        uncond_context=uncond_context,
+        uncond_pooled=uncond_pooled,
+    )
+
+
+@torch.no_grad()
+def decode_to_uint8(vae: nn.Module, latents: torch.Tensor) -> list[np.ndarray]:
+    """Decoded images as (H, W, 3) uint8 arrays."""
+    param = next(vae.parameters())
+    images = vae.decode(latents.to(param.device, param.dtype)).float()
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [image.permute(1, 2, 0).cpu().numpy() for image in images]  # (H, W, 3) each
+
+
+def write_samples(out_dir: Path, images: list[np.ndarray], prompts: list[str], seeds: list[int]) -> Path:
+    """PNGs plus samples.jsonl (prompt, seed, file relative to out_dir); returns the jsonl path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, (image, prompt, seed) in enumerate(zip(images, prompts, seeds)):
+        name = f"{index:04d}-seed{seed}.png"
+        Image.fromarray(image).save(out_dir / name)
+        records.append({"prompt": prompt, "seed": seed, "file": name})
+    manifest = out_dir / "samples.jsonl"
+    tmp = manifest.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+    tmp.replace(manifest)
+    return manifest

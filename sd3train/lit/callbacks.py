@@ -1,0 +1,123 @@
+"""Callbacks: throughput, a step-based progress bar, preview samples and the colour evaluation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import WandbLogger
+
+from sd3train.data.shapes import all_specs
+from sd3train.eval.colour import colour_adherence
+from sd3train.inference import decode_to_uint8, generate_latents, write_samples
+
+
+class Throughput(L.Callback):
+    """Logs train/samples_per_sec (all ranks together) from wall time between steps."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self._last: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        elapsed = now - self._last
+        self._last = now
+        if elapsed > 0:
+            rate = self.batch_size * trainer.world_size / elapsed
+            pl_module.log("train/samples_per_sec", rate, prog_bar=True, batch_size=self.batch_size)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar over all optimizer steps (the stream has no epochs), so tqdm can show an ETA."""
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        if trainer.current_epoch == 0 or self.train_progress_bar.total != trainer.max_steps:
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.initial = 0
+            self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description("train")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        bar.n = trainer.global_step
+        if trainer.global_step % self.refresh_rate == 0 or trainer.global_step == trainer.max_steps:
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        metrics["step"] = trainer.global_step
+        return metrics
+
+
+def colour_prompts(count: int) -> list[str]:
+    """`count` captions from the shapes grammar, cycling its fixed order."""
+    specs = all_specs()
+    return [specs[(7 * i) % len(specs)].caption for i in range(count)]
+
+
+class PreviewAndEvaluate(L.Callback):
+    """Writes sample grids to run_dir/samples/step-N/ (and W&B) and measures colour adherence.
+
+    Samples come from the EMA weights when EMA is on. Seeds start at `seed`, far from anything the
+    training streams use, so the evaluation never sees training noise.
+    """
+
+    def __init__(self, run_dir: Path, prompts: list[str], seed: int, every_n_steps: int, num_colour_prompts: int):
+        self.run_dir = run_dir
+        self.prompts = prompts
+        self.seed = seed
+        self.every_n_steps = every_n_steps
+        self.num_colour_prompts = num_colour_prompts
+
+    def _latent_shape(self, pl_module) -> tuple[int, int, int]:
+        side = pl_module.cfg.data.resolution // pl_module.vae.downsample_factor
+        return (pl_module.cfg.vae.latent_channels, side, side)
+
+    def _generate(self, pl_module, prompts: list[str]):
+        seeds = [self.seed + index for index in range(len(prompts))]
+        latents = generate_latents(
+            pl_module.sampling_model, pl_module.text, prompts, seeds, self._latent_shape(pl_module),
+            pl_module.cfg.diffusion.sampler,
+        )
+        return decode_to_uint8(pl_module.vae, latents), seeds
+
+    def _preview(self, trainer, pl_module) -> None:
+        if not self.prompts or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        images, seeds = self._generate(pl_module, self.prompts)
+        write_samples(self.run_dir / "samples" / f"step-{step}", images, self.prompts, seeds)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=list(images), caption=self.prompts, step=step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step < trainer.max_steps:
+            self._preview(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._preview(trainer, pl_module)
+        if not self.num_colour_prompts or not trainer.is_global_zero:
+            return
+        prompts = colour_prompts(self.num_colour_prompts)
+        images, _ = self._generate(pl_module, prompts)
+        score = colour_adherence(images, prompts)
+        metrics = {"eval/colour_adherence": score}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+        print(f"eval/colour_adherence = {score:.3f} over {len(prompts)} prompts (seeds from {self.seed})")

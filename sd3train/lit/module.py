@@ -1,0 +1,150 @@
+"""LightningModule: frozen VAE and text encoders, trainable MM-DiT, rectified-flow objective."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from sd3train.config.schema import TrainConfig
+from sd3train.config.typed import to_plain
+from sd3train.diffusion.flow import binned_mean, interpolate, per_sample_mse, velocity_target
+from sd3train.diffusion.timesteps import resolution_shift, sample_timesteps
+from sd3train.lit.ema import EMAModel
+from sd3train.model.mmdit import MMDiT
+from sd3train.model.text_encoders import TextConditioner
+from sd3train.model.vae import VAE
+from sd3train.runtime.rng import derive_seed, step_generator
+
+# Validation loss as in SD3: 8 equally spaced t in [0, 1), excluding the pure-noise end t = 1.
+VALIDATION_TIMESTEPS = tuple(k / 8 for k in range(8))
+FROZEN_PREFIXES = ("vae.", "text.")
+
+
+class SD3LitModule(L.LightningModule):
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mmdit = MMDiT.from_config(cfg.model)
+        self.vae = VAE.from_config(cfg.vae).requires_grad_(False).eval()
+        self.text = TextConditioner.from_config(cfg.text)
+        self.ema = EMAModel(self.mmdit, cfg.ema.decay) if cfg.ema.enabled else None
+        diffusion = cfg.diffusion
+        self.train_shift = (
+            resolution_shift(cfg.data.resolution, cfg.data.resolution, diffusion.base_resolution)
+            if diffusion.resolution_dependent_shift
+            else diffusion.shift
+        )
+        # Loss per timestep bin since the last log; summed over ranks when logged.
+        self.register_buffer("bin_sums", torch.zeros(diffusion.num_loss_bins, dtype=torch.float64), persistent=False)
+        self.register_buffer("bin_counts", torch.zeros(diffusion.num_loss_bins, dtype=torch.float64), persistent=False)
+
+    def train(self, mode: bool = True) -> "SD3LitModule":
+        super().train(mode)
+        self.vae.eval()  # frozen parts stay in eval mode whatever Lightning asks
+        self.text.eval()
+        return self
+
+    @property
+    def sampling_model(self) -> MMDiT:
+        """The weights used for previews and evaluation: the EMA copy when there is one."""
+        return self.ema.shadow if self.ema is not None else self.mmdit
+
+    # ------------------------------------------------------------------ training
+    def _encode_batch(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        """Latents, context and pooled text for a batch; `generator` None means no randomness."""
+        with torch.no_grad():
+            images = batch["images"].to(self.device)
+            if generator is None:
+                latents = self.vae.encode(images, sample=False)
+            else:
+                mean, logvar = self.vae.encode_moments(images)
+                eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+                latents = self.vae.normalise(mean + torch.exp(0.5 * logvar) * eps)
+            context, pooled = self.text(batch["captions"], generator=generator)
+        return latents.float(), context.to(self.device), pooled.to(self.device)
+
+    def _flow_loss(self, latents, context, pooled, t, noise) -> torch.Tensor:
+        """Per-sample rectified-flow MSE between predicted and target velocity."""
+        noisy = interpolate(latents, noise, t)
+        prediction = self.mmdit(noisy, t, context, pooled)
+        return per_sample_mse(prediction.float(), velocity_target(latents, noise))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        generator = step_generator(self.cfg.trainer.seed, self.global_step, self.global_rank, "train")
+        latents, context, pooled = self._encode_batch(batch, generator)
+        diffusion = self.cfg.diffusion
+        t = sample_timesteps(
+            latents.shape[0], diffusion.density, generator,
+            logit_mean=diffusion.logit_mean, logit_std=diffusion.logit_std,
+            mode_scale=diffusion.mode_scale, shift=self.train_shift,
+        ).to(self.device)
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        losses = self._flow_loss(latents, context, pooled, t, noise)
+        loss = losses.mean()
+        sums, counts = binned_mean(losses.detach().double(), t, diffusion.num_loss_bins)
+        self.bin_sums += sums.to(self.bin_sums)
+        self.bin_counts += counts.to(self.bin_counts)
+        batch_size = latents.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.mmdit.parameters() if p.grad is not None]
+        if grads:  # the norm before clipping, which is what shows an instability coming
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None and self.global_step >= self.cfg.ema.start_step:
+            self.ema.update(self.mmdit)
+        if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
+            sums = self.trainer.strategy.reduce(self.bin_sums.clone(), reduce_op="sum")
+            counts = self.trainer.strategy.reduce(self.bin_counts.clone(), reduce_op="sum")
+            for index in range(len(sums)):
+                if counts[index] > 0:
+                    self.log(f"train/loss_bin_{index}", (sums[index] / counts[index]).float())
+            self.bin_sums.zero_()
+            self.bin_counts.zero_()
+
+    # ---------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        latents, context, pooled = self._encode_batch(batch, generator=None)
+        # The same noise at every evaluation, so validation curves compare like with like.
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.trainer.seed, "validation", batch_idx))
+        batch_size = latents.shape[0]
+        total = 0.0
+        for t_value in VALIDATION_TIMESTEPS:
+            noise = torch.randn(latents.shape, generator=generator).to(self.device)
+            t = torch.full((batch_size,), t_value, device=self.device)
+            loss = self._flow_loss(latents, context, pooled, t, noise).mean()
+            self.log(f"val/loss_t{t_value:.3f}", loss, sync_dist=True, batch_size=batch_size)
+            total = total + loss
+        self.log("val/loss", total / len(VALIDATION_TIMESTEPS), sync_dist=True, batch_size=batch_size)
+
+    # ----------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        optim = self.cfg.optim
+        optimizer = torch.optim.AdamW(
+            self.mmdit.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        warmup = optim.warmup_steps
+        # The learning rate is a pure function of the step: linear warmup, then constant.
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen encoders and VAE are rebuilt from config or their own weights; they need no copy.
+        state = checkpoint["state_dict"]
+        for key in [key for key in state if key.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        checkpoint["sd3train_config"] = to_plain(self.cfg)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for prefix, module in (("vae.", self.vae), ("text.", self.text)):
+            for key, value in module.state_dict().items():
+                state.setdefault(prefix + key, value)

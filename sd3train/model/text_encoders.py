@@ -1,0 +1,324 @@
+"""SD3 text conditioning: CLIP-L + OpenCLIP bigG + T5 -> (context, pooled), with per-encoder dropout.
+
+Layout (SD3 paper; diffusers' `StableDiffusion3Pipeline.encode_prompt`):
+  context = cat_seq(pad_channels(cat_ch(clip_l_hidden, clip_g_hidden), to T5 width), t5_hidden)
+            (B, Lc + Lt, Dt), e.g. (B, 77 + 77, 4096)
+  pooled  = cat(clip_l_pooled, clip_g_pooled)  (B, Pl + Pg), e.g. (B, 768 + 1280)
+CLIP hidden states are the penultimate layer's (no final layer norm); pooled vectors are the
+projected end-token states; T5 gives its last hidden state. No attention masks, as in SD3.
+
+Training drops each encoder independently (p = 0.464 each): its slice of the context and its
+pooled part become exact zeros.
+
+    from sd3train.config.schema import TextConfig
+    conditioner = TextConditioner.from_config(text_cfg)        # frozen, eval mode
+    context, pooled = conditioner.encode(["a red circle on a white background"])
+    context, pooled = conditioner(prompts, generator=torch.Generator().manual_seed(step))  # dropout
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+import sd3train
+from sd3train.config.schema import CLIPEncoderConfig, T5EncoderConfig, TextConfig
+from sd3train.model.tokenizers import (
+    CLIP_BOS_ID,
+    CLIP_EOS_ID,
+    CLIP_VOCAB_SIZE,
+    PromptTokenizer,
+    load_clip_tokenizer,
+    load_t5_tokenizer,
+)
+
+ENCODER_NAMES = ("clip_l", "clip_g", "t5")  # order of the columns of a keep mask
+# Real CLIP checkpoints have 77 positions; the table stays that size when prompts are shorter.
+CLIP_MAX_POSITIONS = 77
+# Subfolders of a diffusers SD3 pipeline folder holding each encoder.
+DIFFUSERS_SUBFOLDERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
+_T5_VOCAB_MULTIPLE = 128  # T5 rounds its embedding rows up (32,100 tokens -> 32,128 rows)
+
+
+def find_repo_root() -> Path:
+    """The folder holding pyproject.toml; relative asset paths in configs start here."""
+    return Path(sd3train.__file__).resolve().parents[1]
+
+
+def clip_text_config(cfg: CLIPEncoderConfig) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        projection_dim=cfg.projection_dim,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=CLIP_MAX_POSITIONS,
+        hidden_act=cfg.hidden_act,
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,  # pooling takes the first end token, so "!" padding is fine
+    )
+
+
+def t5_encoder_config(cfg: T5EncoderConfig, num_tokens: int) -> T5Config:
+    vocab_size = -(-num_tokens // _T5_VOCAB_MULTIPLE) * _T5_VOCAB_MULTIPLE
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=cfg.d_model,
+        d_kv=cfg.d_kv,
+        d_ff=cfg.d_ff,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        feed_forward_proj=cfg.feed_forward_proj,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def _encoder_seed(init_seed: int, name: str) -> int:
+    """An independent seed per encoder, so resizing one encoder leaves the others' weights alone."""
+    digest = hashlib.sha256(f"sd3train-text-{init_seed}-{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _random_init(model_class: type[nn.Module], config, seed: int) -> nn.Module:
+    # A forked CPU RNG: the caller's global random state is untouched, and the weights depend on
+    # the seed alone (bit-identical in any process).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config)
+
+
+def load_diffusers_encoders(folder: Path, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """The three encoders from a diffusers SD3 pipeline folder (text_encoder, _2, _3 subfolders)."""
+    missing = [sub for sub in DIFFUSERS_SUBFOLDERS.values() if not (folder / sub / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"text.weights={str(folder)!r} must be a diffusers SD3 pipeline folder; missing "
+            + ", ".join(f"{sub}/config.json" for sub in missing)
+        )
+    classes = {"clip_l": CLIPTextModelWithProjection, "clip_g": CLIPTextModelWithProjection, "t5": T5EncoderModel}
+    return {
+        name: classes[name].from_pretrained(str(folder / sub), dtype=dtype, local_files_only=True)
+        for name, sub in DIFFUSERS_SUBFOLDERS.items()
+    }
+
+
+def _check_loaded_sizes(cfg: TextConfig, encoders: dict[str, nn.Module], folder: Path, num_t5_tokens: int) -> None:
+    """Loaded encoders must have the sizes the config promises (the MM-DiT is built from them)
+    and a T5 embedding table that covers every id of the T5 tokenizer."""
+    expected = {
+        "clip_l": {"hidden_size": cfg.clip_l.hidden_size, "num_hidden_layers": cfg.clip_l.num_layers,
+                   "projection_dim": cfg.clip_l.projection_dim},
+        "clip_g": {"hidden_size": cfg.clip_g.hidden_size, "num_hidden_layers": cfg.clip_g.num_layers,
+                   "projection_dim": cfg.clip_g.projection_dim},
+        "t5": {"d_model": cfg.t5.d_model, "num_layers": cfg.t5.num_layers},
+    }
+    problems = [
+        f"{name}.{key}: config {value}, {folder / DIFFUSERS_SUBFOLDERS[name]} has {getattr(encoders[name].config, key)}"
+        for name, fields in expected.items()
+        for key, value in fields.items()
+        if getattr(encoders[name].config, key) != value
+    ]
+    if encoders["t5"].config.vocab_size < num_t5_tokens:
+        problems.append(
+            f"t5: the tokenizer ({cfg.t5_tokenizer}) has {num_t5_tokens} tokens, more than the "
+            f"{encoders['t5'].config.vocab_size} embedding rows in {folder / DIFFUSERS_SUBFOLDERS['t5']}"
+        )
+    if problems:
+        raise ValueError("text encoder weights do not match the text config:\n  " + "\n  ".join(problems))
+
+
+def sample_keep_mask(
+    batch_size: int, dropout: tuple[float, float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """(B, 3) bool, column k True with probability 1 - dropout[k], drawn on the generator's device."""
+    keep_probability = 1.0 - torch.tensor(dropout, dtype=torch.float32, device=generator.device)
+    draws = torch.rand((batch_size, len(dropout)), generator=generator, device=generator.device)
+    return draws < keep_probability  # (B, 3)
+
+
+def _zero_dropped(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Rows of `tensor` where keep is False become exact zeros; kept rows are returned unchanged."""
+    keep = keep.view(-1, *([1] * (tensor.dim() - 1)))  # (B, 1, ...)
+    return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+
+
+class TextConditioner(nn.Module):
+    """Frozen CLIP-L, bigG and T5 encoders with their tokenizers; prompts -> (context, pooled)."""
+
+    def __init__(
+        self,
+        clip_l: CLIPTextModelWithProjection,
+        clip_g: CLIPTextModelWithProjection,
+        t5: T5EncoderModel,
+        tokenizers: dict[str, PromptTokenizer],
+        dropout: tuple[float, float, float] = (0.464, 0.464, 0.464),
+    ):
+        super().__init__()
+        problems = []
+        if tokenizers["clip_l"].max_length != tokenizers["clip_g"].max_length:
+            problems.append(
+                f"CLIP-L and bigG max_length differ ({tokenizers['clip_l'].max_length} vs "
+                f"{tokenizers['clip_g'].max_length}); their hidden states are concatenated on channels"
+            )
+        for name in ("clip_l", "clip_g"):
+            if tokenizers[name].max_length > CLIP_MAX_POSITIONS:
+                problems.append(f"{name}.max_length {tokenizers[name].max_length} > {CLIP_MAX_POSITIONS} positions")
+        clip_width = clip_l.config.hidden_size + clip_g.config.hidden_size
+        if clip_width > t5.config.d_model:
+            problems.append(
+                f"CLIP-L + bigG width {clip_width} exceeds the T5 width {t5.config.d_model}: "
+                "the CLIP context is zero-padded up to the T5 width, never cut"
+            )
+        if any(not 0.0 <= p <= 1.0 for p in dropout):
+            problems.append(f"dropout probabilities must lie in [0, 1], got {tuple(dropout)}")
+        if problems:
+            raise ValueError("invalid text conditioner:\n  " + "\n  ".join(problems))
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+        self.tokenizers = dict(tokenizers)
+        self.dropout = tuple(float(p) for p in dropout)
+        for encoder in self.encoders():
+            encoder.requires_grad_(False)
+        self.train(False)
+
+    @classmethod
+    def from_config(
+        cls, cfg: TextConfig, repo_root: Path | None = None, dtype: torch.dtype = torch.float32
+    ) -> "TextConditioner":
+        """Tokenizers from the config's folders (relative to the repo root); encoders from
+        `cfg.weights` (a diffusers SD3 pipeline folder) or randomly initialised from `cfg.init_seed`."""
+        root = Path(repo_root) if repo_root is not None else find_repo_root()
+
+        def resolve(path: str) -> Path:
+            return Path(path) if Path(path).is_absolute() else root / path
+
+        clip_tokenizer = load_clip_tokenizer(resolve(cfg.clip_tokenizer) if cfg.clip_tokenizer else None)
+        t5_tokenizer = load_t5_tokenizer(resolve(cfg.t5_tokenizer))
+        tokenizers = {
+            "clip_l": PromptTokenizer.clip(clip_tokenizer, cfg.clip_l.max_length, cfg.clip_l.pad_with_end),
+            "clip_g": PromptTokenizer.clip(clip_tokenizer, cfg.clip_g.max_length, cfg.clip_g.pad_with_end),
+            "t5": PromptTokenizer.t5(t5_tokenizer, cfg.t5.max_length),
+        }
+        if cfg.weights:
+            folder = resolve(cfg.weights)
+            encoders = load_diffusers_encoders(folder, dtype)
+            _check_loaded_sizes(cfg, encoders, folder, len(t5_tokenizer))
+        else:
+            configs = {
+                "clip_l": (CLIPTextModelWithProjection, clip_text_config(cfg.clip_l)),
+                "clip_g": (CLIPTextModelWithProjection, clip_text_config(cfg.clip_g)),
+                "t5": (T5EncoderModel, t5_encoder_config(cfg.t5, len(t5_tokenizer))),
+            }
+            encoders = {
+                name: _random_init(model_class, config, _encoder_seed(cfg.init_seed, name)).to(dtype)
+                for name, (model_class, config) in configs.items()
+            }
+        dropout = (cfg.dropout_clip_l, cfg.dropout_clip_g, cfg.dropout_t5)
+        return cls(encoders["clip_l"], encoders["clip_g"], encoders["t5"], tokenizers, dropout)
+
+    def encoders(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.clip_l, self.clip_g, self.t5
+
+    def train(self, mode: bool = True) -> "TextConditioner":
+        # The encoders are frozen: they stay in eval mode whatever the parent module does.
+        super().train(mode)
+        for encoder in self.encoders():
+            encoder.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.t5.shared.weight.device
+
+    @property
+    def context_dim(self) -> int:
+        return self.t5.config.d_model
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.clip_l.config.projection_dim + self.clip_g.config.projection_dim
+
+    @property
+    def context_length(self) -> int:
+        return self.tokenizers["clip_l"].max_length + self.tokenizers["t5"].max_length
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids per encoder: {"clip_l": (B, Lc), "clip_g": (B, Lc), "t5": (B, Lt)} on CPU."""
+        return {name: self.tokenizers[name](prompts) for name in ENCODER_NAMES}
+
+    @torch.no_grad()
+    def encode_tokens(self, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-encoder outputs from token ids (see `encode_per_encoder`)."""
+        device = self.device
+        clip_l = self.clip_l(input_ids=token_ids["clip_l"].to(device), output_hidden_states=True)
+        clip_g = self.clip_g(input_ids=token_ids["clip_g"].to(device), output_hidden_states=True)
+        t5 = self.t5(input_ids=token_ids["t5"].to(device))
+        return {
+            "clip_l_hidden": clip_l.hidden_states[-2],  # (B, Lc, Dl) penultimate layer
+            "clip_l_pooled": clip_l.text_embeds,  # (B, Pl)
+            "clip_g_hidden": clip_g.hidden_states[-2],  # (B, Lc, Dg)
+            "clip_g_pooled": clip_g.text_embeds,  # (B, Pg)
+            "t5_hidden": t5.last_hidden_state,  # (B, Lt, Dt)
+        }
+
+    def encode_per_encoder(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """{"clip_l_hidden", "clip_l_pooled", "clip_g_hidden", "clip_g_pooled", "t5_hidden"}: what a
+        precompute step caches; `assemble` turns it into (context, pooled)."""
+        return self.encode_tokens(self.tokenize(prompts))
+
+    @staticmethod
+    def assemble(
+        outputs: dict[str, torch.Tensor], keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-encoder outputs -> (context (B, Lc + Lt, Dt), pooled (B, Pl + Pg)).
+
+        `keep` (B, 3) bool, columns (clip_l, clip_g, t5): a False zeroes that encoder's slice of
+        the context (its channels of the CLIP part, or the whole T5 part) and its pooled part.
+        """
+        clip_l, clip_g, t5 = outputs["clip_l_hidden"], outputs["clip_g_hidden"], outputs["t5_hidden"]
+        pooled_l, pooled_g = outputs["clip_l_pooled"], outputs["clip_g_pooled"]
+        clip_width, context_dim = clip_l.shape[-1] + clip_g.shape[-1], t5.shape[-1]
+        if clip_width > context_dim:
+            raise ValueError(f"CLIP-L + bigG width {clip_width} exceeds the T5 width {context_dim}")
+        if keep is not None:
+            if keep.shape != (t5.shape[0], len(ENCODER_NAMES)):
+                raise ValueError(f"keep must have shape ({t5.shape[0]}, 3), got {tuple(keep.shape)}")
+            keep = keep.to(device=t5.device, dtype=torch.bool)
+            clip_l, pooled_l = _zero_dropped(clip_l, keep[:, 0]), _zero_dropped(pooled_l, keep[:, 0])
+            clip_g, pooled_g = _zero_dropped(clip_g, keep[:, 1]), _zero_dropped(pooled_g, keep[:, 1])
+            t5 = _zero_dropped(t5, keep[:, 2])
+        clip = torch.cat([clip_l, clip_g], dim=-1)  # (B, Lc, Dl + Dg)
+        clip = F.pad(clip, (0, context_dim - clip_width))  # (B, Lc, Dt)
+        context = torch.cat([clip, t5], dim=-2)  # (B, Lc + Lt, Dt)
+        pooled = torch.cat([pooled_l, pooled_g], dim=-1)  # (B, Pl + Pg)
+        return context, pooled
+
+    def dropout_keep_mask(
+        self, batch_size: int, generator: torch.Generator, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """(B, 3) bool: independent Bernoulli keeps with probabilities 1 - dropout_{clip_l, clip_g, t5}."""
+        keep = sample_keep_mask(batch_size, self.dropout, generator)
+        return keep if device is None else keep.to(device)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) without dropout: sampling and evaluation."""
+        return self.assemble(self.encode_per_encoder(prompts))
+
+    def forward(
+        self, prompts: list[str], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled); with a generator, each encoder is dropped per sample (training)."""
+        outputs = self.encode_per_encoder(prompts)
+        keep = None if generator is None else self.dropout_keep_mask(len(prompts), generator)
+        return self.assemble(outputs, keep)

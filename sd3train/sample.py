@@ -1,0 +1,85 @@
+"""Sample images from a training checkpoint: PNGs plus samples.jsonl (prompt, seed, file).
+
+    sd3train-sample checkpoint=runs/tiny_cpu/main/checkpoints/last.ckpt \
+        prompts='["a red circle on a white background"]' seeds='[0]' out=samples/
+
+Arguments are key=value, like Hydra overrides:
+  checkpoint      (required) a .ckpt written by sd3train-train; its config is stored inside it
+  out             output folder (default: <run dir>/samples/<checkpoint name>)
+  prompts         list of prompts (default: the run's eval.prompts)
+  prompt_file     text file with one prompt per line (instead of prompts)
+  seeds           list of seeds, one per prompt (default: eval.seed, eval.seed + 1, ...)
+  num_steps, guidance_scale, shift, uncond   override the run's diffusion.sampler settings
+  ema             use the EMA weights when the checkpoint has them (default true)
+  device          cpu | cuda (default: cuda when available)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+USAGE_EXIT_CODE = 2
+ALLOWED = {"checkpoint", "out", "prompts", "prompt_file", "seeds", "num_steps", "guidance_scale", "shift",
+           "uncond", "ema", "device"}
+
+
+def _fail(message: str) -> None:
+    print(f"sd3train-sample: {message}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = OmegaConf.to_container(OmegaConf.from_cli(sys.argv[1:] if argv is None else argv))
+    unknown = sorted(set(args) - ALLOWED)
+    if unknown:
+        _fail(f"unknown argument(s) {', '.join(unknown)}; valid: {', '.join(sorted(ALLOWED))}")
+    if "checkpoint" not in args:
+        _fail("checkpoint=PATH is required")
+    checkpoint_path = Path(args["checkpoint"])
+    if not checkpoint_path.is_file():
+        _fail(f"checkpoint {checkpoint_path} does not exist")
+
+    import torch
+
+    from sd3train.config.validate import load_config
+    from sd3train.inference import decode_to_uint8, generate_latents, write_samples
+    from sd3train.lit.module import SD3LitModule
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if "sd3train_config" not in checkpoint:
+        _fail(f"{checkpoint_path} has no sd3train_config: not a checkpoint written by sd3train-train")
+    cfg = load_config(checkpoint["sd3train_config"])
+    for key in ("num_steps", "guidance_scale", "shift", "uncond"):
+        if key in args:
+            setattr(cfg.diffusion.sampler, key, args[key])
+
+    if "prompt_file" in args:
+        prompts = [line.strip() for line in Path(args["prompt_file"]).read_text().splitlines() if line.strip()]
+    else:
+        prompts = list(args.get("prompts", cfg.eval.prompts))
+    if not prompts:
+        _fail("no prompts: pass prompts=[...] or prompt_file=PATH")
+    seeds = [int(seed) for seed in args.get("seeds", [cfg.eval.seed + i for i in range(len(prompts))])]
+    if len(seeds) != len(prompts):
+        _fail(f"{len(prompts)} prompts but {len(seeds)} seeds")
+
+    device = args.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    module = SD3LitModule(cfg)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.to(device).eval()
+    model = module.sampling_model if args.get("ema", True) else module.mmdit
+    side = cfg.data.resolution // module.vae.downsample_factor
+    latents = generate_latents(model, module.text, prompts, seeds, (cfg.vae.latent_channels, side, side),
+                               cfg.diffusion.sampler)
+    images = decode_to_uint8(module.vae, latents)
+    out_dir = Path(args["out"]) if "out" in args else checkpoint_path.parent.parent / "samples" / checkpoint_path.stem
+    manifest = write_samples(out_dir, images, prompts, seeds)
+    print(f"wrote {len(images)} images and {manifest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The README commands as a user types them: train a few steps, then sample from the checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+BIN = Path(os.environ.get("VIRTUAL_ENV", Path(shutil.which("python")).parent.parent)) / "bin"
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_run(repo_shapes, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("user")
+    run([str(BIN / "sd3train-train"), "experiment=tiny_cpu", "trainer.max_steps=20", "model.depth=2",
+         "data.batch_size=4"], cwd)
+    return cwd / "runs" / "tiny_cpu" / "main"
+
+
+def test_run_directory_has_everything(trained_run):
+    assert (trained_run / "config.yaml").is_file()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    samples = trained_run / "samples" / "step-20"
+    records = [json.loads(line) for line in (samples / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    for record in records:
+        assert set(record) == {"prompt", "seed", "file"}
+        assert (samples / record["file"]).is_file()  # paths are relative to the samples folder
+
+
+def test_metrics_csv_has_the_documented_metrics(trained_run):
+    with open(trained_run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0])
+    expected = {"train/loss", "train/grad_norm", "train/lr", "train/samples_per_sec", "val/loss",
+                "eval/colour_adherence"} | {f"train/loss_bin_{i}" for i in range(10)}
+    assert expected <= columns, expected - columns
+    adherence = [float(row["eval/colour_adherence"]) for row in rows if row["eval/colour_adherence"]]
+    assert len(adherence) == 1 and 0.0 <= adherence[0] <= 1.0
+
+
+def test_wandb_offline_run_has_sample_images(trained_run):
+    runs = list((trained_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = list(runs[0].glob("files/media/images/samples_*.png"))
+    assert images, "no sample images logged to W&B"
+
+
+def test_sample_cli_writes_pngs_and_manifest(trained_run, tmp_path):
+    out = tmp_path / "samples"
+    run([str(BIN / "sd3train-sample"), f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
+         "prompts=[a red circle on a white background,a blue square on a black background]",
+         "seeds=[5,6]", "num_steps=4", f"out={out}"], tmp_path)
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [5, 6]
+    assert records[0]["prompt"] == "a red circle on a white background"
+    assert all((out / r["file"]).is_file() for r in records)

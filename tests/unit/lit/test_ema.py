@@ -1,0 +1,47 @@
+"""EMA of model weights: warm-up decay, exact update rule, frozen shadow."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sd3train.lit.ema import EMAModel
+
+
+def test_ema_update_follows_the_formula():
+    model = nn.Linear(3, 2)
+    ema = EMAModel(model, decay=0.9)
+    before = [p.detach().clone() for p in ema.shadow.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    decay = ema.current_decay()
+    assert decay == min(0.9, 1 / 10)
+    ema.update(model)
+    for shadow, old, new in zip(ema.shadow.parameters(), before, model.parameters()):
+        torch.testing.assert_close(shadow, decay * old + (1 - decay) * new, rtol=0, atol=1e-7)
+    assert int(ema.num_updates) == 1
+
+
+def test_ema_decay_warms_up_to_the_configured_value():
+    ema = EMAModel(nn.Linear(1, 1), decay=0.99)
+    ema.num_updates.fill_(10_000)
+    assert ema.current_decay() == 0.99
+
+
+def test_shadow_is_frozen_and_stays_in_eval_mode():
+    ema = EMAModel(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), decay=0.9)
+    ema.train()
+    assert not ema.shadow.training
+    assert not any(p.requires_grad for p in ema.shadow.parameters())
+
+
+def test_ema_state_round_trips():
+    model = nn.Linear(3, 2)
+    ema = EMAModel(model, decay=0.9)
+    ema.update(model)
+    copy = EMAModel(nn.Linear(3, 2), decay=0.9)
+    copy.load_state_dict(ema.state_dict())
+    assert int(copy.num_updates) == 1
+    for a, b in zip(copy.shadow.parameters(), ema.shadow.parameters()):
+        assert torch.equal(a, b)
