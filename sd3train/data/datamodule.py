@@ -20,7 +20,6 @@ epoch, which the main process checks against its own counter before handing the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from collections.abc import Iterable, Iterator
@@ -34,11 +33,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-import sd3train
 from sd3train.config.schema import DataConfig
 from sd3train.data.transforms import decode_caption, image_bytes_to_tensor, parse_extensions
+from sd3train.paths import REPO_ROOT
+from sd3train.runtime.rng import derive_seed
 
-REPO_ROOT = Path(sd3train.__file__).resolve().parents[1]
 STATE_VERSION = 1
 
 
@@ -62,12 +61,6 @@ def resolve_shard_urls(spec: str, root: Path = REPO_ROOT) -> list[str]:
     if not urls:
         raise ValueError(f"shard spec {spec!r} names no shard")
     return urls
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 64-bit seed from named parts; stable across processes and machines (unlike `hash()`)."""
-    text = "/".join(str(part) for part in parts)
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def epoch_shards(

@@ -17,7 +17,6 @@ from sd3train.runtime.rng import derive_seed, step_generator
 
 # Validation loss as in SD3: 8 equally spaced t in [0, 1), excluding the pure-noise end t = 1.
 VALIDATION_TIMESTEPS = tuple(k / 8 for k in range(8))
-FROZEN_PREFIXES = ("vae.", "text.")
 
 
 class SD3LitModule(L.LightningModule):
@@ -136,14 +135,24 @@ class SD3LitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --------------------------------------------------------------- checkpoints
+    def _frozen_from_files(self) -> tuple[str, ...]:
+        """Prefixes of frozen parts that are loaded from weight files, so checkpoints need no copy.
+
+        Randomly initialised encoders (tiny configs) are saved: a checkpoint must not depend on
+        the initialisation code staying bit-for-bit the same.
+        """
+        return tuple(prefix for prefix, weights in (("vae.", self.cfg.vae.weights), ("text.", self.cfg.text.weights))
+                     if weights is not None)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Frozen encoders and VAE are rebuilt from config or their own weights; they need no copy.
         state = checkpoint["state_dict"]
-        for key in [key for key in state if key.startswith(FROZEN_PREFIXES)]:
+        skipped = self._frozen_from_files()
+        for key in [key for key in state if skipped and key.startswith(skipped)]:
             del state[key]
         checkpoint["sd3train_config"] = to_plain(self.cfg)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Parts left out at save time come from the weight files they were loaded from.
         state = checkpoint["state_dict"]
         for prefix, module in (("vae.", self.vae), ("text.", self.text)):
             for key, value in module.state_dict().items():

@@ -18,7 +18,6 @@ pooled part become exact zeros.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-import sd3train
 from sd3train.config.schema import CLIPEncoderConfig, T5EncoderConfig, TextConfig
 from sd3train.model.tokenizers import (
     CLIP_BOS_ID,
@@ -36,6 +34,8 @@ from sd3train.model.tokenizers import (
     load_clip_tokenizer,
     load_t5_tokenizer,
 )
+from sd3train.paths import REPO_ROOT
+from sd3train.runtime.rng import derive_seed
 
 ENCODER_NAMES = ("clip_l", "clip_g", "t5")  # order of the columns of a keep mask
 # Real CLIP checkpoints have 77 positions; the table stays that size when prompts are shorter.
@@ -43,11 +43,6 @@ CLIP_MAX_POSITIONS = 77
 # Subfolders of a diffusers SD3 pipeline folder holding each encoder.
 DIFFUSERS_SUBFOLDERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
 _T5_VOCAB_MULTIPLE = 128  # T5 rounds its embedding rows up (32,100 tokens -> 32,128 rows)
-
-
-def find_repo_root() -> Path:
-    """The folder holding pyproject.toml; relative asset paths in configs start here."""
-    return Path(sd3train.__file__).resolve().parents[1]
 
 
 def clip_text_config(cfg: CLIPEncoderConfig) -> CLIPTextConfig:
@@ -87,8 +82,7 @@ def t5_encoder_config(cfg: T5EncoderConfig, num_tokens: int) -> T5Config:
 
 def _encoder_seed(init_seed: int, name: str) -> int:
     """An independent seed per encoder, so resizing one encoder leaves the others' weights alone."""
-    digest = hashlib.sha256(f"sd3train-text-{init_seed}-{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derive_seed("sd3train-text", init_seed, name)
 
 
 def _random_init(model_class: type[nn.Module], config, seed: int) -> nn.Module:
@@ -198,7 +192,7 @@ class TextConditioner(nn.Module):
     ) -> "TextConditioner":
         """Tokenizers from the config's folders (relative to the repo root); encoders from
         `cfg.weights` (a diffusers SD3 pipeline folder) or randomly initialised from `cfg.init_seed`."""
-        root = Path(repo_root) if repo_root is not None else find_repo_root()
+        root = Path(repo_root) if repo_root is not None else REPO_ROOT
 
         def resolve(path: str) -> Path:
             return Path(path) if Path(path).is_absolute() else root / path

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-import sd3train
 from sd3train.config.schema import VAEConfig
+from sd3train.paths import resolve_repo_path
 
 # diffusers builds every norm of the VAE with this epsilon.
 NORM_EPS = 1e-6
@@ -257,7 +258,8 @@ class VAE(nn.Module):
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (un-normalised) posterior (mean, logvar), each (B, latent_channels, H/f, W/f)."""
-        moments = self.encoder(images)  # (B, 2 * latent_channels, H/f, W/f)
+        # Follow the weights' dtype, so a bf16 VAE takes the fp32 images a data loader gives.
+        moments = self.encoder(images.to(self.encoder.conv_in.weight.dtype))  # (B, 2 * latent_channels, H/f, W/f)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
@@ -285,13 +287,11 @@ class VAE(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, 16, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
-        return self.decoder(self.denormalise(latents))
+        return self.decoder(self.denormalise(latents).to(self.decoder.conv_in.weight.dtype))
 
     def load_weights(self, path: str | Path) -> Path:
         """Strictly load a safetensors file, or a folder holding one; returns the file used."""
         file = resolve_weights_file(path)
-        from safetensors.torch import load_file
-
         self.load_vae_state_dict(load_file(str(file)), source=str(file))
         return file
 
@@ -316,16 +316,10 @@ class VAE(nn.Module):
         self.load_state_dict(state_dict, strict=True)
 
 
-def repo_root() -> Path:
-    return Path(sd3train.__file__).resolve().parents[1]
-
-
 def resolve_weights_file(path: str | Path) -> Path:
     """A safetensors file, or the first known weight file in a folder (or in its `vae/` subfolder,
     a diffusers pipeline root). Relative paths are taken from the repository root."""
-    path = Path(path).expanduser()
-    if not path.is_absolute():
-        path = repo_root() / path
+    path = resolve_repo_path(path)
     if path.is_file():
         return path
     if path.is_dir():

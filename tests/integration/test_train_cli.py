@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-BIN = Path(os.environ.get("VIRTUAL_ENV", Path(shutil.which("python")).parent.parent)) / "bin"
+# The console scripts sit next to the interpreter running the tests (make calls .venv/bin/python).
+BIN = Path(sys.executable).parent
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -120,3 +120,24 @@ def test_weights_load_from_a_diffusers_style_folder(tmp_path):
 def test_missing_weights_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         VAE.from_config(VAEConfig(**TINY, weights=str(tmp_path / "nowhere")))
+
+
+def test_a_bf16_vae_takes_fp32_images_and_latents():
+    vae = tiny_vae().to(torch.bfloat16)
+    with torch.no_grad():
+        latents = vae.encode(torch.rand(1, 3, 32, 32) * 2 - 1, sample=False)
+        decoded = vae.decode(latents.float())
+    assert latents.dtype == decoded.dtype == torch.bfloat16
+    assert decoded.shape == (1, 3, 32, 32)
+
+
+def test_logvar_is_clamped_to_diffusers_range():
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.encoder.conv_out.weight.zero_()
+        vae.encoder.conv_out.bias[16:] = 50.0  # second half of the channels is the log-variance
+        _, high = vae.encode_moments(torch.zeros(1, 3, 16, 16))
+        vae.encoder.conv_out.bias[16:] = -50.0
+        _, low = vae.encode_moments(torch.zeros(1, 3, 16, 16))
+    assert high.unique().tolist() == [20.0]
+    assert low.unique().tolist() == [-30.0]
