@@ -16,28 +16,21 @@ Arguments are key=value, like Hydra overrides:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from sd3train.cli import fail, parse_key_values
 
-USAGE_EXIT_CODE = 2
+PROG = "sd3train-sample"
 ALLOWED = {"checkpoint", "out", "prompts", "prompt_file", "seeds", "num_steps", "guidance_scale", "shift",
            "uncond", "ema", "device"}
 
 
 def _fail(message: str) -> None:
-    print(f"sd3train-sample: {message}", file=sys.stderr)
-    sys.exit(USAGE_EXIT_CODE)
+    fail(PROG, message)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = OmegaConf.to_container(OmegaConf.from_cli(sys.argv[1:] if argv is None else argv))
-    unknown = sorted(set(args) - ALLOWED)
-    if unknown:
-        _fail(f"unknown argument(s) {', '.join(unknown)}; valid: {', '.join(sorted(ALLOWED))}")
-    if "checkpoint" not in args:
-        _fail("checkpoint=PATH is required")
+    args = parse_key_values(argv, prog=PROG, allowed=ALLOWED, required=("checkpoint",))
     checkpoint_path = Path(args["checkpoint"])
     if not checkpoint_path.is_file():
         _fail(f"checkpoint {checkpoint_path} does not exist")

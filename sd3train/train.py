@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -51,6 +52,8 @@ def fit(cfg: TrainConfig) -> None:
     from sd3train.lit.loggers import build_loggers
     from sd3train.lit.module import SD3LitModule
 
+    # The frozen VAE and text encoders stay in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))))

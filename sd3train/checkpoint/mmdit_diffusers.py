@@ -8,7 +8,7 @@ Our `sd3train.model.mmdit.MMDiT` uses the official names, so an official checkpo
   - its `AdaLayerNormContinuous` (final `norm_out`, the last block's pre-only `norm1_context`)
     orders the modulation (scale, shift) where the official order is (shift, scale).
 The mapping mirrors diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`. Both directions
-refuse a state dict with missing or unexpected keys, listing them all.
+refuse a state dict with missing or unexpected keys, listing them (up to ten of each).
 """
 
 from __future__ import annotations
@@ -90,12 +90,19 @@ def _layer_indices(state_dict: dict, pattern: str) -> set[int]:
     return {int(match.group(1)) for key in state_dict if (match := regex.match(key))}
 
 
+def _listed(keys: list[str], limit: int = 10) -> str:
+    # A wrong depth leaves hundreds of keys over; the first few say what happened.
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{keys[:limit]}{more}"
+
+
 def _raise_if_problems(missing: list[str], unexpected: list[str], direction: str) -> None:
     problems = []
     if missing:
-        problems.append(f"missing keys: {sorted(missing)}")
+        problems.append(f"missing keys: {_listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {sorted(unexpected)}")
+        problems.append(f"unexpected keys: {_listed(unexpected)}")
     if problems:
         raise KeyError(f"{direction}: state dict does not match the MM-DiT layout; " + "; ".join(problems))
 

@@ -29,6 +29,16 @@ class ModelConfig:
     qk_norm: Optional[str] = None  # None or "rms"
     dual_attention_layers: list[int] = field(default_factory=list)  # MMDiT-X extra image self-attention
     qkv_bias: bool = True
+    # Recompute each joint block's activations in the backward pass (torch.utils.checkpoint):
+    # roughly a third more compute per step for activation memory of one block instead of `depth`.
+    activation_checkpointing: bool = False
+    # SD3.5-Medium's training augmentation: each sample adds a randomly placed crop of the position
+    # table instead of the centre crop, so positions off the centre are trained too. Inference and
+    # validation always use the centre crop.
+    pos_embed_random_crop: bool = False
+    # Side of the centred window the random crops stay in (SD3.5-Medium's example: 64x64 crops from
+    # a 192x192 window); None: the whole pos_embed_max_size table.
+    pos_embed_crop_region: Optional[int] = None
 
 
 @dataclass
@@ -42,6 +52,8 @@ class VAEConfig:
     norm_num_groups: int = 32
     shift_factor: float = 0.0609
     scaling_factor: float = 1.5305
+    # 1x1 convs around the latent (SD1/SDXL autoencoders); SD3's VAE has none.
+    use_quant_conv: bool = False
     weights: Optional[str] = None
 
 
@@ -131,6 +143,9 @@ class DataConfig:
     image_key: str = "jpg;jpeg;png;webp"
     caption_key: str = "txt"
     val_batches: int = 2
+    # Keep each sample's VAE posterior in memory after its first visit (small datasets, many epochs).
+    cache_latents: bool = False
+    latent_cache_max_samples: int = 100_000
 
 
 @dataclass
@@ -141,6 +156,10 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 1000
     grad_clip: Optional[float] = 1.0
+    # After warmup: "constant" (SD3 pretraining), "cosine" or "linear" decay to min_lr_ratio * lr
+    # at trainer.max_steps (sd3train/runtime/lr_schedule.py).
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -189,6 +208,8 @@ class LoggerConfig:
 @dataclass
 class PathsConfig:
     runs_dir: str = "runs"
+    # Released weights to start from (a Stability single file or a diffusers pipeline folder);
+    # an experiment that finetunes sets it to '???', which makes it a required value.
     pretrained: Optional[str] = None
 
 

@@ -2,17 +2,63 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sd3train.config.schema import TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
+from sd3train.runtime.lr_schedule import SCHEDULES
 
 DENSITIES = ("logit_normal", "mode", "cosmap", "uniform")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
 WANDB_MODES = ("online", "offline", "disabled")
 UNCOND_MODES = ("zeros", "empty_prompt")
+
+
+class RequiredValueError(ValueError):
+    """Raised by the `required` resolver; the message is the finished problem line."""
+
+
+def _required(reason: str, *, _node_) -> None:
+    # `key: ${required:'why'}` in an experiment makes `key` a value the user must set. '???' cannot
+    # do it there: OmegaConf's merge keeps conf/config.yaml's null over a later '???'.
+    raise RequiredValueError(f"{_node_._get_full_key(None)}: required value is missing ({reason})")
+
+
+if not OmegaConf.has_resolver("required"):
+    OmegaConf.register_new_resolver("required", _required)
+
+
+def _resolution_message(error: BaseException, outer: BaseException | None) -> str:
+    cause: BaseException | None = error
+    # OmegaConf re-raises resolver errors, so the original is a few links back; links past `outer`
+    # (what the caller was handling when it asked) belong to another failure.
+    while cause is not None and cause is not outer:
+        if isinstance(cause, RequiredValueError):
+            return str(cause)
+        cause = cause.__context__
+    return str(error).splitlines()[0]
+
+
+def unresolvable_problems(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """One line per distinct failure among the interpolations under `node` (Hydra's own node skipped),
+    so a required value that several keys interpolate is reported once, beside any other failure."""
+    problems: list[str] = []
+    outer = sys.exc_info()[1]
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        if f"{prefix}{key}" == "hydra" or OmegaConf.is_missing(node, key):
+            continue
+        try:
+            value = node[key]
+        except Exception as error:
+            problems.append(_resolution_message(error, outer))
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            problems.extend(unresolvable_problems(value, f"{prefix}{key}."))
+    return list(dict.fromkeys(problems))
 
 
 def _in_range(problems: list[str], key: str, value: float, low: float, high: float) -> None:
@@ -57,6 +103,16 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
     elif data.resolution // multiple > model.pos_embed_max_size:
         problems.append(f"data.resolution={data.resolution} gives a {data.resolution // multiple}-patch grid, "
                         f"larger than model.pos_embed_max_size={model.pos_embed_max_size}")
+    region = model.pos_embed_crop_region
+    if region is not None:
+        if not model.pos_embed_random_crop:
+            problems.append("model.pos_embed_crop_region: set, but model.pos_embed_random_crop is false")
+        elif not 1 <= region <= model.pos_embed_max_size:
+            problems.append(f"model.pos_embed_crop_region: {region} is outside 1..model.pos_embed_max_size="
+                            f"{model.pos_embed_max_size}")
+        elif data.resolution % multiple == 0 and data.resolution // multiple > region:
+            problems.append(f"model.pos_embed_crop_region={region} is smaller than the {data.resolution // multiple}-"
+                            f"patch grid of data.resolution={data.resolution}")
     diffusion = cfg.diffusion
     if diffusion.density not in DENSITIES:
         problems.append(f"diffusion.density: {diffusion.density!r} is not one of {', '.join(DENSITIES)}")
@@ -74,12 +130,18 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"data.batch_size: must be >= 1, got {data.batch_size}")
     if data.num_workers < 0:
         problems.append(f"data.num_workers: must be >= 0, got {data.num_workers}")
+    if data.latent_cache_max_samples < 1:
+        problems.append(f"data.latent_cache_max_samples: must be >= 1, got {data.latent_cache_max_samples}")
     if cfg.optim.lr <= 0:
         problems.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         problems.append(f"optim.betas: expected 2 values, got {len(cfg.optim.betas)}")
     if cfg.optim.warmup_steps < 0:
         problems.append(f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")
+    if cfg.optim.schedule not in SCHEDULES:
+        problems.append(f"optim.schedule: must be one of {list(SCHEDULES)}, got {cfg.optim.schedule!r}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        problems.append(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     _in_range(problems, "ema.decay", cfg.ema.decay, 0.0, 1.0)
     trainer = cfg.trainer
     if trainer.max_steps < 1:
@@ -102,8 +164,8 @@ def load_config(cfg: DictConfig | dict) -> TrainConfig:
     if isinstance(cfg, DictConfig):
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)
-        except Exception as error:  # an interpolation that cannot resolve names its key
-            raise ConfigError([str(error).splitlines()[0]]) from error
+        except Exception as error:  # list every interpolation that cannot resolve, naming its key
+            raise ConfigError(unresolvable_problems(cfg) or [str(error).splitlines()[0]]) from error
     else:
         plain = cfg
     plain = {key: value for key, value in plain.items() if key != "hydra"}

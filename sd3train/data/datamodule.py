@@ -3,7 +3,7 @@
     from sd3train.config.schema import DataConfig
     from sd3train.data.datamodule import ShardDataModule
     datamodule = ShardDataModule(DataConfig(), seed=0)   # needs `python -m sd3train.tools.make_shapes --out data/shapes`
-    batch = next(iter(datamodule.train_dataloader()))    # {"images": (B, 3, R, R) in [-1, 1], "captions": [...], "keys": [...]}
+    batch = next(iter(datamodule.train_dataloader()))    # {"images": (B, 3, R, R) in [-1, 1], "captions": [...], "keys": [...], "urls": [...]}
 
 Every random choice comes from a named generator with a seed derived from the run seed:
 - shard order of epoch e: `("shards", seed, e)`, the same on every rank; rank r takes every
@@ -91,13 +91,13 @@ def buffered_shuffle(samples: Iterable[Any], buffer_size: int, rng: random.Rando
 
 @dataclass(frozen=True)
 class SampleDecoder:
-    """Raw webdataset sample (dict of bytes) -> (key, image (3, R, R) in [-1, 1], caption)."""
+    """Raw webdataset sample (dict of bytes) -> (key, image (3, R, R) in [-1, 1], caption, shard url)."""
 
     resolution: int
     image_extensions: tuple[str, ...]
     caption_key: str
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor, str]:
+    def __call__(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor, str, str]:
         key = sample["__key__"]
         extension = next((ext for ext in self.image_extensions if ext in sample), None)
         if extension is None:
@@ -108,14 +108,16 @@ class SampleDecoder:
         if self.caption_key not in sample:
             raise KeyError(f"sample {key!r} in {sample.get('__url__')} has no caption {self.caption_key!r}")
         image = image_bytes_to_tensor(sample[extension], self.resolution)
-        return key, image, decode_caption(sample[self.caption_key])
+        return key, image, decode_caption(sample[self.caption_key]), str(sample.get("__url__", ""))
 
 
-def collate(decoded: list[tuple[str, torch.Tensor, str]]) -> dict[str, Any]:
+def collate(decoded: list[tuple[str, torch.Tensor, str, str]]) -> dict[str, Any]:
     return {
-        "images": torch.stack([image for _, image, _ in decoded]),  # (B, 3, R, R)
-        "captions": [caption for _, _, caption in decoded],
-        "keys": [key for key, _, _ in decoded],
+        "images": torch.stack([image for _, image, _, _ in decoded]),  # (B, 3, R, R)
+        "captions": [caption for _, _, caption, _ in decoded],
+        "keys": [key for key, _, _, _ in decoded],
+        # Keys are only unique within a dataset; (url, key) names a sample anywhere.
+        "urls": [url for _, _, _, url in decoded],
     }
 
 
@@ -126,7 +128,7 @@ def _open_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
 class TrainShardStream(IterableDataset):
     """One rank's training batches; each `iter()` streams the next epoch (see the module docstring).
 
-    Batches are dicts {"images", "captions", "keys", "epoch"}; `TrainBatches` removes "epoch".
+    Batches are dicts {"images", "captions", "keys", "urls", "epoch"}; `TrainBatches` removes "epoch".
     """
 
     def __init__(
@@ -267,7 +269,8 @@ def _rank_and_world_size(trainer: Any) -> tuple[int, int]:
 class ShardDataModule(lightning.LightningDataModule):
     """Training and validation batches from webdataset shards, as `DataConfig` describes.
 
-    Batches: {"images": float32 (B, 3, R, R) in [-1, 1], "captions": list[str], "keys": list[str]}.
+    Batches: {"images": float32 (B, 3, R, R) in [-1, 1], "captions": list[str], "keys": list[str],
+    "urls": list[str] (the shard each sample came from)}.
 
     State (`state_dict`): epoch, batches consumed in it and in total, plus what fixes the stream
     (seed, batch size, workers, world size, shards). Loading it today resumes at the start of the
@@ -287,6 +290,7 @@ class ShardDataModule(lightning.LightningDataModule):
                 ("num_workers", ">= 0", cfg.num_workers >= 0),
                 ("shuffle_buffer", ">= 0", cfg.shuffle_buffer >= 0),
                 ("val_batches", ">= 0", cfg.val_batches >= 0),
+                ("latent_cache_max_samples", "> 0", cfg.latent_cache_max_samples > 0),
             )
             if not ok
         ]

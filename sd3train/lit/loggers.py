@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from sd3train.config.schema import TrainConfig
 from sd3train.runtime.rng import derive_seed
@@ -15,11 +18,38 @@ def wandb_run_id(run_dir: Path) -> str:
     return f"{derive_seed('wandb', run_dir.resolve()):016x}"
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run must append to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with path.open(newline="") as file:
+                header = next(csv.reader(file), [])
+            # Known columns: new keys then trigger Lightning's header rewrite, which keeps old rows.
+            self.metrics_keys = sorted(header)
+
+
+class RunCSVLogger(CSVLogger):
+    """`metrics.csv` directly in the run directory, kept and appended to across resumes."""
+
+    def __init__(self, run_dir: Path):
+        # name="" and version="" put metrics.csv directly in the run directory.
+        super().__init__(save_dir=run_dir, name="", version="")
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def build_loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
-        # name="" and version="" put metrics.csv directly in the run directory.
-        loggers.append(CSVLogger(save_dir=run_dir, name="", version=""))
+        loggers.append(RunCSVLogger(run_dir))
     if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
         loggers.append(
             WandbLogger(

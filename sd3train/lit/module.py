@@ -10,6 +10,9 @@ from sd3train.config.typed import to_plain
 from sd3train.diffusion.flow import binned_mean, interpolate, per_sample_mse, velocity_target
 from sd3train.diffusion.timesteps import resolution_shift, sample_timesteps
 from sd3train.lit.ema import EMAModel
+from sd3train.lit.latent_cache import LatentMomentCache
+from sd3train.runtime.lr_schedule import lr_factor
+from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.mmdit import MMDiT
 from sd3train.model.text_encoders import TextConditioner
 from sd3train.model.vae import VAE
@@ -27,6 +30,7 @@ class SD3LitModule(L.LightningModule):
         self.vae = VAE.from_config(cfg.vae).requires_grad_(False).eval()
         self.text = TextConditioner.from_config(cfg.text)
         self.ema = EMAModel(self.mmdit, cfg.ema.decay) if cfg.ema.enabled else None
+        self.latent_cache = LatentMomentCache(cfg.data.latent_cache_max_samples) if cfg.data.cache_latents else None
         diffusion = cfg.diffusion
         self.train_shift = (
             resolution_shift(cfg.data.resolution, cfg.data.resolution, diffusion.base_resolution)
@@ -52,20 +56,29 @@ class SD3LitModule(L.LightningModule):
     def _encode_batch(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         """Latents, context and pooled text for a batch; `generator` None means no randomness."""
         with torch.no_grad():
-            images = batch["images"].to(self.device)
+            mean, logvar = self._moments(batch)
             if generator is None:
-                latents = self.vae.encode(images, sample=False)
+                latents = self.vae.normalise(mean)
             else:
-                mean, logvar = self.vae.encode_moments(images)
                 eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
                 latents = self.vae.normalise(mean + torch.exp(0.5 * logvar) * eps)
             context, pooled = self.text(batch["captions"], generator=generator)
         return latents.float(), context.to(self.device), pooled.to(self.device)
 
-    def _flow_loss(self, latents, context, pooled, t, noise) -> torch.Tensor:
+    def _moments(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior (mean, logvar) of the batch images, from the latent cache when it is on."""
+        images = batch["images"]
+        if self.latent_cache is None:
+            return self.vae.encode_moments(images.to(self.device))
+        ids = [f"{url}#{key}" for url, key in zip(batch["urls"], batch["keys"])]
+        return self.latent_cache.moments(
+            ids, lambda rows: self.vae.encode_moments(images[rows].to(self.device)), self.device
+        )
+
+    def _flow_loss(self, latents, context, pooled, t, noise, pos_offset=None) -> torch.Tensor:
         """Per-sample rectified-flow MSE between predicted and target velocity."""
         noisy = interpolate(latents, noise, t)
-        prediction = self.mmdit(noisy, t, context, pooled)
+        prediction = self.mmdit(noisy, t, context, pooled, pos_offset=pos_offset)
         return per_sample_mse(prediction.float(), velocity_target(latents, noise))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -78,7 +91,14 @@ class SD3LitModule(L.LightningModule):
             mode_scale=diffusion.mode_scale, shift=self.train_shift,
         ).to(self.device)
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
-        losses = self._flow_loss(latents, context, pooled, t, noise)
+        pos_offset = None
+        if self.cfg.model.pos_embed_random_crop:  # drawn last: the step's other draws stay as without it
+            patch = self.mmdit.patch_size
+            pos_offset = random_crop_offsets(
+                latents.shape[0], latents.shape[-2] // patch, latents.shape[-1] // patch,
+                self.mmdit.pos_embed_max_size, generator, region=self.cfg.model.pos_embed_crop_region,
+            )
+        losses = self._flow_loss(latents, context, pooled, t, noise, pos_offset)
         loss = losses.mean()
         sums, counts = binned_mean(losses.detach().double(), t, diffusion.num_loss_bins)
         self.bin_sums += sums.to(self.bin_sums)
@@ -127,10 +147,10 @@ class SD3LitModule(L.LightningModule):
             self.mmdit.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
-        warmup = optim.warmup_steps
-        # The learning rate is a pure function of the step: linear warmup, then constant.
+        total = self.cfg.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            optimizer,
+            lambda step: lr_factor(step, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

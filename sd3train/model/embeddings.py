@@ -59,6 +59,52 @@ def crop_pos_embed(table: torch.Tensor, max_size: int, grid_h: int, grid_w: int)
     return spatial.reshape(1, grid_h * grid_w, -1)  # (1, grid_h*grid_w, D)
 
 
+def crop_pos_embed_at(
+    table: torch.Tensor, max_size: int, grid_h: int, grid_w: int, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample crops of a (1, max*max, D) table: `offsets` (B, 2) holds each crop's top-left
+    (row, col). Returns (B, grid_h*grid_w, D); an offset of the centre crop gives `crop_pos_embed`."""
+    if offsets.ndim != 2 or offsets.shape[1] != 2 or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"position offsets must be an integer (B, 2) tensor of (row, col), got {tuple(offsets.shape)} "
+                         f"{offsets.dtype}")
+    offsets = offsets.to(torch.int64)
+    rows_ok = (offsets[:, 0] >= 0) & (offsets[:, 0] + grid_h <= max_size)
+    cols_ok = (offsets[:, 1] >= 0) & (offsets[:, 1] + grid_w <= max_size)
+    if not bool((rows_ok & cols_ok).all()):
+        raise ValueError(f"a {grid_h}x{grid_w} crop at offsets {offsets.tolist()} leaves the {max_size}x{max_size} "
+                         "position table")
+    offsets = offsets.to(table.device)
+    rows = offsets[:, :1] + torch.arange(grid_h, device=table.device)  # (B, grid_h)
+    cols = offsets[:, 1:] + torch.arange(grid_w, device=table.device)  # (B, grid_w)
+    index = rows[:, :, None] * max_size + cols[:, None, :]  # (B, grid_h, grid_w): row-major table index
+    return table[0][index.flatten(1)]  # (B, grid_h*grid_w, D)
+
+
+def random_crop_offsets(
+    batch_size: int,
+    grid_h: int,
+    grid_w: int,
+    max_size: int,
+    generator: torch.Generator,
+    region: int | None = None,
+) -> torch.Tensor:
+    """Uniform top-left (row, col) offsets (B, 2) int64 of grid_h x grid_w crops of a max_size table.
+
+    SD3.5-Medium's training augmentation. Crops stay inside the centred `region` x `region` window
+    (None: the whole table); an axis longer than the window keeps its centre offset. With
+    region == grid the offsets are exactly the centre crop that inference uses.
+    """
+    if grid_h > max_size or grid_w > max_size:
+        raise ValueError(f"patch grid {grid_h}x{grid_w} is larger than pos_embed_max_size {max_size}")
+    window = max_size if region is None else min(region, max_size)
+    axes = []
+    for grid in (grid_h, grid_w):
+        span = max(window, grid)
+        low = (max_size - span) // 2  # centred like crop_pos_embed, so the window's middle is the centre crop's
+        axes.append(low + torch.randint(0, span - grid + 1, (batch_size,), generator=generator))
+    return torch.stack(axes, dim=1)  # (B, 2)
+
+
 def timestep_frequencies(timesteps: torch.Tensor, dim: int = TIMESTEP_FREQUENCY_DIM, max_period: float = 10000.0):
     """Sinusoidal features of (already scaled) timesteps: (B,) -> (B, dim) float32, cos half first."""
     half = dim // 2

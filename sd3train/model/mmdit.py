@@ -25,6 +25,7 @@ from sd3train.model.embeddings import (
     PatchEmbed,
     TimestepEmbedder,
     crop_pos_embed,
+    crop_pos_embed_at,
     sincos_2d_table,
 )
 
@@ -176,6 +177,7 @@ class MMDiT(nn.Module):
         qk_norm: Optional[str] = None,
         dual_attention_layers: Sequence[int] = (),
         qkv_bias: bool = True,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if depth < 1:
@@ -194,7 +196,9 @@ class MMDiT(nn.Module):
         self.out_channels = in_channels if out_channels is None else out_channels
         self.pos_embed_max_size = pos_embed_max_size
         self.dual_attention_layers = dual_attention_layers
-        self.gradient_checkpointing = False
+        # Recompute each joint block in the backward pass instead of keeping its activations:
+        # about one more forward of compute for activation memory of one block, not `depth` blocks.
+        self.activation_checkpointing = activation_checkpointing
 
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
         # Persistent: the official checkpoints store the table, and a loaded one must be used as is.
@@ -236,6 +240,7 @@ class MMDiT(nn.Module):
             qk_norm=cfg.qk_norm,
             dual_attention_layers=tuple(cfg.dual_attention_layers),
             qkv_bias=cfg.qkv_bias,
+            activation_checkpointing=cfg.activation_checkpointing,
         )
 
     @torch.no_grad()
@@ -259,9 +264,14 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def cropped_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Centre crop of the stored table for a grid_h x grid_w patch grid: (1, grid_h*grid_w, D)."""
-        return crop_pos_embed(self.pos_embed, self.pos_embed_max_size, grid_h, grid_w)
+    def cropped_pos_embed(
+        self, grid_h: int, grid_w: int, pos_offset: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Positions for a grid_h x grid_w patch grid: the centre crop of the stored table,
+        (1, grid_h*grid_w, D), or crops at per-sample top-left `pos_offset` (B, 2), (B, grid_h*grid_w, D)."""
+        if pos_offset is None:
+            return crop_pos_embed(self.pos_embed, self.pos_embed_max_size, grid_h, grid_w)
+        return crop_pos_embed_at(self.pos_embed, self.pos_embed_max_size, grid_h, grid_w, pos_offset)
 
     def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """(B, grid_h*grid_w, p*p*C) -> (B, C, grid_h*p, grid_w*p)."""
@@ -277,12 +287,16 @@ class MMDiT(nn.Module):
         context: torch.Tensor,
         pooled: torch.Tensor,
         skip_layers: Optional[Sequence[int]] = None,
+        pos_offset: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Velocity for noisy latents.
 
         latents (B, C, H, W) with H, W divisible by patch_size; t (B,) in [0, 1];
         context (B, L, context_dim); pooled (B, pooled_dim); skip_layers: joint blocks to bypass
-        (image and text updates both), for skip-layer guidance. Returns (B, out_channels, H, W).
+        (image and text updates both), for skip-layer guidance; pos_offset: (B, 2) integer top-left
+        (row, col) of each sample's crop of the position table, for SD3.5-Medium's random-crop
+        training (`embeddings.random_crop_offsets`); None is the centre crop inference uses.
+        Returns (B, out_channels, H, W).
         """
         height, width = latents.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
@@ -293,14 +307,16 @@ class MMDiT(nn.Module):
         skip = set(skip_layers) if skip_layers is not None else set()
 
         x = self.x_embedder(latents)  # (B, h*w, D)
-        x = x + self.cropped_pos_embed(grid_h, grid_w).to(x.dtype)
+        if pos_offset is not None and pos_offset.shape[0] != latents.shape[0]:
+            raise ValueError(f"pos_offset has {pos_offset.shape[0]} rows for a batch of {latents.shape[0]}")
+        x = x + self.cropped_pos_embed(grid_h, grid_w, pos_offset).to(x.dtype)
         if t.ndim == 0:
             t = t.expand(latents.shape[0])
         # Scaled in fp32: a bf16 t would round 1000 * t to steps of up to 4.
         cond = self.t_embedder(t.float() * TIMESTEP_SCALE) + self.y_embedder(pooled)  # (B, D)
         context = self.context_embedder(context)  # (B, L, D)
 
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for index, block in enumerate(self.joint_blocks):
             if index in skip:
                 continue

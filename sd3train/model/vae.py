@@ -2,7 +2,8 @@
 
 Parameter names match diffusers exactly (`encoder.down_blocks.0.resnets.0.norm1.weight`,
 `decoder.mid_block.attentions.0.to_q.weight`, ...), so a diffusers `vae/` folder loads with an
-identity key mapping. SD3 drops the 1x1 quant/post-quant convs, so there are none here.
+identity key mapping. SD3 drops the 1x1 quant/post-quant convs; `use_quant_conv=True` keeps them
+(the SD1/SDXL autoencoders), off by default.
 
 Latents leave `encode` normalised, `(z - shift_factor) * scaling_factor`, which is what the
 diffusion model sees; `decode` undoes it. `encode_moments` gives the raw posterior for caches.
@@ -224,6 +225,7 @@ class VAE(nn.Module):
         norm_num_groups: int = 32,
         shift_factor: float = 0.0609,
         scaling_factor: float = 1.5305,
+        use_quant_conv: bool = False,
     ):
         super().__init__()
         block_out_channels = list(block_out_channels)
@@ -236,6 +238,9 @@ class VAE(nn.Module):
         self.scaling_factor = float(scaling_factor)
         self.encoder = Encoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups)
         self.decoder = Decoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups)
+        # 1x1 convs on the posterior moments and on the latents before decoding (not in SD3's VAE).
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_quant_conv else None
 
     @classmethod
     def from_config(cls, cfg: VAEConfig) -> "VAE":
@@ -247,6 +252,7 @@ class VAE(nn.Module):
             norm_num_groups=cfg.norm_num_groups,
             shift_factor=cfg.shift_factor,
             scaling_factor=cfg.scaling_factor,
+            use_quant_conv=cfg.use_quant_conv,
         )
         if cfg.weights is not None:
             vae.load_weights(cfg.weights)
@@ -260,6 +266,8 @@ class VAE(nn.Module):
         """Raw (un-normalised) posterior (mean, logvar), each (B, latent_channels, H/f, W/f)."""
         # Follow the weights' dtype, so a bf16 VAE takes the fp32 images a data loader gives.
         moments = self.encoder(images.to(self.encoder.conv_in.weight.dtype))  # (B, 2 * latent_channels, H/f, W/f)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
@@ -287,7 +295,10 @@ class VAE(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, 16, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
-        return self.decoder(self.denormalise(latents).to(self.decoder.conv_in.weight.dtype))
+        z = self.denormalise(latents).to(self.decoder.conv_in.weight.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
 
     def load_weights(self, path: str | Path) -> Path:
         """Strictly load a safetensors file, or a folder holding one; returns the file used."""

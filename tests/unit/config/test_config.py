@@ -67,9 +67,12 @@ def test_unknown_key_without_plus_fails_in_hydra_naming_it():
 def test_impossible_combinations_are_listed():
     with pytest.raises(ConfigError) as error:
         load_config(compose_config(
-            ["experiment=tiny_cpu", "model.context_dim=64", "data.resolution=60", "diffusion.density=gaussian"]))
+            ["experiment=tiny_cpu", "model.context_dim=64", "data.resolution=60", "diffusion.density=gaussian",
+             "optim.schedule=step", "data.latent_cache_max_samples=0"]))
     message = str(error.value)
-    assert "model.context_dim" in message and "data.resolution" in message and "diffusion.density" in message
+    for key in ("model.context_dim", "data.resolution", "diffusion.density", "optim.schedule",
+                "data.latent_cache_max_samples"):
+        assert key in message
 
 
 def test_missing_required_value_is_reported(tmp_path):

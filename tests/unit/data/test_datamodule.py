@@ -46,13 +46,14 @@ def first_keys(datamodule: ShardDataModule, num_batches: int) -> list[list[str]]
 
 def test_train_batch_has_images_in_range_and_grammar_captions(shards):
     batch = next(iter(make_datamodule(shards).train_dataloader()))
-    assert sorted(batch) == ["captions", "images", "keys"]
+    assert sorted(batch) == ["captions", "images", "keys", "urls"]
     images = batch["images"]
     assert images.shape == (BATCH, 3, 16, 16) and images.dtype == torch.float32
     assert images.min() >= -1.0 and images.max() <= 1.0
     assert images.min() < -0.5 and images.max() > 0.5  # real content, not a constant
     assert len(batch["captions"]) == BATCH and all(parse_caption(c) for c in batch["captions"])
     assert len(set(batch["keys"])) == BATCH and all(k.startswith("train-") for k in batch["keys"])
+    assert all(Path(url).name.startswith("train-") and url.endswith(".tar") for url in batch["urls"])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

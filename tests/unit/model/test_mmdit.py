@@ -148,18 +148,38 @@ def test_pos_embed_table_values():
     torch.testing.assert_close(table[row * 4 + col], expected, rtol=0, atol=1e-7)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
     latents, t, context, pooled = inputs()
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(kwargs)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     grads = []
     for checkpointing in (False, True):
-        model = perturb(tiny_model(depth=3, qk_norm="rms", dual_attention_layers=[1])).train()
-        model.gradient_checkpointing = checkpointing
+        model = MMDiT.from_config(ModelConfig(**{**TINY, "depth": 3}, qk_norm="rms", dual_attention_layers=[1],
+                                              activation_checkpointing=checkpointing))
+        model = perturb(model).train()
         model(latents, t, context, pooled).square().mean().backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert calls == [{"use_reentrant": False}] * 3  # one per joint block, only when the option is on
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-6, msg=name)
     assert grads[0]["joint_blocks.0.x_block.attn.qkv.weight"].abs().sum() > 0
+
+
+def test_activation_checkpointing_is_off_in_eval_and_without_grad(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *args, **kwargs: calls.append(1))
+    model = tiny_model(activation_checkpointing=True)
+    with torch.no_grad():
+        model.train()(*inputs())
+    model.eval()(*inputs())
+    assert calls == []
 
 
 def test_skip_layers_leaves_the_stream_unchanged_by_that_block():

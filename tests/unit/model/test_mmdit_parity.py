@@ -5,19 +5,15 @@ import functools
 import pytest
 import torch
 
+from reference_models import MMDIT_DEPTH as DEPTH
+from reference_models import MMDIT_VARIANTS as CONFIGS
+from reference_models import diffusers_transformer, perturb, relative_error
 from sd3train.checkpoint.mmdit_diffusers import OFFICIAL_PREFIX, diffusers_to_official, official_to_diffusers
 from sd3train.model.embeddings import sincos_2d_table, timestep_frequencies
 from sd3train.model.mmdit import MMDiT
 
 diffusers = pytest.importorskip("diffusers")
 
-# Shaped like the released models at toy size: (qk_norm, dual_attention_layers).
-CONFIGS = {
-    "sd3-medium": (None, ()),
-    "sd3.5-large": ("rms", ()),
-    "sd3.5-medium": ("rms", (0,)),
-}
-DEPTH = 3  # a normal block, a dual-attention candidate and the pre-only last block
 LATENT_SIZES = [(16, 16), (12, 20)]  # patch grids 8x8 and 6x10 (non-square) cropped from a 16x16 table
 
 
@@ -29,25 +25,9 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def perturb(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> torch.nn.Module:
-    """Small random normals in every parameter, zero-inits included, so every path is exercised."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model
-
-
 @functools.lru_cache(maxsize=None)
 def reference_model(name: str):
-    qk_norm, dual = CONFIGS[name]
-    model = diffusers.SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=DEPTH, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=64, pooled_projection_dim=48,
-        out_channels=4, pos_embed_max_size=16, dual_attention_layers=dual,
-        qk_norm=None if qk_norm is None else "rms_norm",
-    )
-    return perturb(model).eval()
+    return diffusers_transformer(name)
 
 
 def our_model(name: str) -> MMDiT:
@@ -64,10 +44,6 @@ def inputs(height, width, batch=2, seed=3):
         torch.randn(batch, 7, 96, generator=generator),
         torch.randn(batch, 48, generator=generator),
     )
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).norm() / reference.norm()).item()
 
 
 @pytest.mark.parametrize("height,width", LATENT_SIZES)

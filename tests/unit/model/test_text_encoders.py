@@ -7,38 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-import yaml
 
-from sd3train.config.schema import CLIPEncoderConfig, T5EncoderConfig, TextConfig
+from reference_models import reference_sd3_layout, text_config
 from sd3train.model.text_encoders import TextConditioner, sample_keep_mask
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = ["a red circle on a white background", "A photo of 3 dogs!", ""]
 # Tiny sizes (conf/text/tiny.yaml): CLIP-L 32 wide, bigG 64, T5 128; 16 tokens each.
 LC, LT, DL, DG, DT, PL, PG = 16, 16, 32, 64, 128, 32, 64
-
-
-def text_config(name: str, **overrides) -> TextConfig:
-    """A shipped conf/text YAML as a TextConfig; unknown keys raise TypeError."""
-    data = yaml.safe_load((REPO_ROOT / "conf" / "text" / f"{name}.yaml").read_text())
-    data["clip_l"] = CLIPEncoderConfig(**data["clip_l"])
-    data["clip_g"] = CLIPEncoderConfig(**data["clip_g"])
-    data["t5"] = T5EncoderConfig(**data["t5"])
-    return dataclasses.replace(TextConfig(**data), **overrides)
-
-
-def reference_sd3_layout(conditioner: TextConditioner, prompts: list[str]):
-    """SD3's layout written out from the transformers models' own outputs, as diffusers'
-    `StableDiffusion3Pipeline.encode_prompt` does it."""
-    ids = conditioner.tokenize(prompts)
-    with torch.no_grad():
-        clip_l = conditioner.clip_l(ids["clip_l"], output_hidden_states=True)
-        clip_g = conditioner.clip_g(ids["clip_g"], output_hidden_states=True)
-        t5 = conditioner.t5(ids["t5"])[0]
-    clip = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2]], dim=-1)
-    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    return torch.cat([clip, t5], dim=-2), torch.cat([clip_l[0], clip_g[0]], dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +40,8 @@ def test_context_and_pooled_shapes(conditioner, outputs):
 
 def test_context_matches_reference_layout(conditioner):
     context, pooled = conditioner.encode(PROMPTS)
-    reference_context, reference_pooled = reference_sd3_layout(conditioner, PROMPTS)
+    reference_context, reference_pooled = reference_sd3_layout(
+        conditioner.clip_l, conditioner.clip_g, conditioner.t5, conditioner.tokenize(PROMPTS))
     assert torch.equal(context, reference_context)
     assert torch.equal(pooled, reference_pooled)
     assert torch.all(context[:, :LC, DL + DG :] == 0)  # CLIP part zero-padded up to the T5 width
@@ -237,7 +214,7 @@ def test_matches_diffusers_encode_prompt(conditioner):
 def test_init_is_bit_identical_in_another_process(conditioner):
     script = (
         "import hashlib, yaml, dataclasses, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(REPO_ROOT / 'tests')!r}]\n"
         "from test_text_encoders import text_config\n"
         "from sd3train.model.text_encoders import TextConditioner\n"
         "state = TextConditioner.from_config(text_config('tiny')).state_dict()\n"

@@ -7,42 +7,18 @@ VAE with identity keys and give the same posterior and decoded images in fp32.
 import pytest
 import torch
 
+from reference_models import VAE_SIZES as SIZES
+from reference_models import diffusers_vae, relative_error
 from sd3train.config.schema import VAEConfig
 from sd3train.model.vae import VAE
 
 diffusers = pytest.importorskip("diffusers")
 
-SIZES = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=2, norm_num_groups=8)
-
-
-def diffusers_vae(block_out_channels, layers_per_block, norm_num_groups):
-    return diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(block_out_channels),
-        up_block_types=["UpDecoderBlock2D"] * len(block_out_channels),
-        block_out_channels=block_out_channels,
-        layers_per_block=layers_per_block,
-        act_fn="silu",
-        latent_channels=16,
-        norm_num_groups=norm_num_groups,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((ours - reference).norm() / reference.norm())
-
 
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)
-    reference = diffusers_vae(**SIZES).eval()
-    # Random init leaves GroupNorm affines at 1/0; perturb every tensor so a swapped scale/bias shows.
-    with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    reference = diffusers_vae(**SIZES, perturbed=True)
     ours = VAE(**SIZES).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     return ours, reference

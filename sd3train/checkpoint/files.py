@@ -1,0 +1,154 @@
+"""Reading and writing weight files: safetensors (single, sharded with an index), Lightning .ckpt.
+
+Every read error names the file: a truncated or corrupt safetensors file fails here with its path,
+never deep inside torch. Writes are atomic: a temporary sibling, then a rename, so a crash leaves
+either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from sd3train.checkpoint.errors import CheckpointError
+
+# Weight files of one diffusers / transformers component folder, in the order they are looked for.
+INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    # Integer tensors (none in our models today) keep their type.
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def safetensors_header(file: Path) -> tuple[list[str], dict[str, str]]:
+    """(keys, metadata) of a safetensors file without reading its tensors."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys()), dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read safetensors file {file}: {error}") from error
+
+
+def read_safetensors(
+    file: Path,
+    *,
+    select: Callable[[str], str | None] = lambda key: key,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tensors of `file` whose key `select` maps to a name (None skips the key), cast to `dtype`.
+
+    Only selected tensors are read, one at a time, so one component of a large single file costs
+    its own size in memory.
+    """
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                name = select(key)
+                if name is not None:
+                    out[name] = _cast(handle.get_tensor(key), dtype)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read safetensors file {file}: {error}") from error
+    return out
+
+
+def with_prefix(prefix: str) -> Callable[[str], str | None]:
+    """A `select` for `read_safetensors`: keys under `prefix`, with the prefix removed."""
+    return lambda key: key[len(prefix):] if key.startswith(prefix) else None
+
+
+def component_weight_files(folder: Path) -> list[Path]:
+    """The safetensors file(s) of a diffusers / transformers component folder (shards via the index)."""
+    for name in INDEX_NAMES:
+        index = folder / name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as error:
+                raise CheckpointError(f"cannot read shard index {index}: {error}") from error
+            shards = [folder / shard for shard in dict.fromkeys(weight_map.values())]
+            absent = [str(shard) for shard in shards if not shard.is_file()]
+            if absent:
+                raise CheckpointError(f"shard index {index} names missing file(s): {', '.join(absent)}")
+            return shards
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return [folder / name]
+    candidates = sorted(folder.glob("*.safetensors"))
+    if len(candidates) == 1:  # e.g. a variant such as diffusion_pytorch_model.fp16.safetensors
+        return candidates
+    found = ", ".join(path.name for path in sorted(folder.iterdir())) or "nothing"
+    raise CheckpointError(
+        f"no safetensors weights in {folder}: looked for {', '.join(INDEX_NAMES + WEIGHT_NAMES)} "
+        f"(or exactly one *.safetensors); found {found}"
+    )
+
+
+def read_component_weights(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a component folder, shards merged."""
+    out: dict[str, torch.Tensor] = {}
+    for file in component_weight_files(folder):
+        out.update(read_safetensors(file, dtype=dtype))
+    return out
+
+
+def read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {file}: {error}") from error
+
+
+def read_lightning_checkpoint(file: Path) -> dict:
+    """A Lightning .ckpt written by sd3train-train, memory-mapped so tensors are paged in on use.
+
+    Unpickled with weights_only=False: the checkpoint is our own format and holds optimizer and
+    loop state objects. Do not load .ckpt files from untrusted sources.
+    """
+    try:
+        try:
+            checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError as error:
+            if "mmap" not in str(error):  # only the legacy (non-zip) format cannot be mapped
+                raise
+            checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged pickle or zip
+        raise CheckpointError(f"cannot read checkpoint {file}: {type(error).__name__}: {error}") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{file} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def _staging_path(target: Path) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write `tensors` to `file` through a temporary sibling and a rename."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging_path(file)
+    try:
+        save_file({key: value.contiguous() for key, value in tensors.items()}, str(staging), metadata=metadata)
+        os.replace(staging, file)
+    finally:
+        staging.unlink(missing_ok=True)
+    return file
+
+
+def write_json(data: dict, file: Path) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

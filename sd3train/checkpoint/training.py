@@ -1,0 +1,63 @@
+"""sd3train's own training checkpoints (.ckpt from sd3train-train) as a source of weights.
+
+`checkpoint["state_dict"]` holds `mmdit.*`, `ema.shadow.*` (the EMA copy, when EMA is on),
+`vae.*` and `text.*` (left out when those were loaded from weight files the config names), and
+`checkpoint["sd3train_config"]` the plain training config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sd3train.checkpoint.errors import CheckpointError
+from sd3train.checkpoint.files import read_lightning_checkpoint
+from sd3train.checkpoint.formats import LIGHTNING_PREFIXES
+from sd3train.config.schema import TrainConfig
+from sd3train.config.typed import ConfigError
+from sd3train.config.validate import load_config
+
+
+@dataclass
+class TrainingCheckpoint:
+    path: Path
+    state_dict: dict
+    config: TrainConfig
+
+    def has(self, component: str) -> bool:
+        prefix = LIGHTNING_PREFIXES[component]
+        return any(key.startswith(prefix) for key in self.state_dict)
+
+    def component(self, component: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The state dict of one component ("transformer", "ema", "vae", "text"), prefix removed."""
+        prefix = LIGHTNING_PREFIXES[component]
+        return {
+            key[len(prefix):]: value.to(dtype) if dtype is not None and value.is_floating_point() else value
+            for key, value in self.state_dict.items()
+            if key.startswith(prefix)
+        }
+
+    def transformer(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The EMA weights when the run kept them (what samples best), else the trained weights."""
+        return self.component("ema" if self.has("ema") else "transformer", dtype)
+
+    def transformer_prefix(self) -> str:
+        return LIGHTNING_PREFIXES["ema" if self.has("ema") else "transformer"]
+
+
+def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
+    checkpoint = read_lightning_checkpoint(path)
+    if "sd3train_config" not in checkpoint:
+        raise CheckpointError(f"{path} has no sd3train_config: not a checkpoint written by sd3train-train")
+    plain = dict(checkpoint["sd3train_config"])
+    # Where the run resumed from or started from does not matter for its weights, and those paths
+    # need not exist on the machine that loads the checkpoint.
+    plain["trainer"] = {**plain.get("trainer", {}), "resume": "never"}
+    plain["paths"] = {**plain.get("paths", {}), "pretrained": None}
+    try:
+        config = load_config(plain)
+    except ConfigError as error:
+        raise CheckpointError(f"the training config stored in {path} is invalid: {error}") from error
+    return TrainingCheckpoint(path, checkpoint["state_dict"], config)

@@ -1,0 +1,116 @@
+"""`load_vae`: our SD3 VAE from any checkpoint layout (see `sd3train.checkpoint.formats`).
+
+    from sd3train.checkpoint import load_vae
+    vae = load_vae("sd3.5_large.safetensors")        # `first_stage_model.*`, LDM names
+    latents = vae.encode(images, sample=False)     # normalised posterior mean
+    images = vae.decode(latents)
+
+Also read: a diffusers pipeline (vae/) or AutoencoderKL folder, a folder with our VAEConfig
+config.json beside its weights (data/vae_tiny), a bare VAE safetensors and our .ckpt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from sd3train.checkpoint.architecture import vae_config_from_diffusers, vae_config_from_weights
+from sd3train.checkpoint.build import assign_weights, on_meta
+from sd3train.checkpoint.errors import CheckpointError
+from sd3train.checkpoint.files import (
+    read_component_weights,
+    read_json,
+    read_safetensors,
+    safetensors_header,
+    with_prefix,
+)
+from sd3train.checkpoint.formats import (
+    COMPONENT,
+    LDM_VAE,
+    LIGHTNING,
+    LIGHTNING_PREFIXES,
+    PIPELINE,
+    VAE_PREFIX,
+    dataclass_from_dict,
+    detect,
+    export_metadata,
+    vae_naming,
+)
+from sd3train.checkpoint.training import read_training_checkpoint
+from sd3train.checkpoint.vae_ldm import ldm_to_diffusers
+from sd3train.config.schema import VAEConfig
+from sd3train.model.vae import VAE, resolve_weights_file
+
+WHAT = "VAE"
+
+
+def read_vae_file(file: Path, dtype: torch.dtype | None) -> tuple[dict, dict, str]:
+    """(diffusers-named VAE state, export metadata, the prefix of keys still named as in the file)."""
+    keys, metadata = safetensors_header(file)
+    naming = vae_naming(keys)
+    if naming is None:
+        raise CheckpointError(f"no {WHAT} weights in {file}: no keys under {VAE_PREFIX!r} (or bare encoder.*)")
+    kind, prefix = naming
+    state = read_safetensors(file, select=with_prefix(prefix) if prefix else _vae_keys, dtype=dtype)
+    if kind == LDM_VAE:
+        try:
+            state = ldm_to_diffusers(state, key_prefix=prefix)
+        except CheckpointError as error:
+            raise CheckpointError(f"{WHAT} weights in {file}: {error}") from error
+        prefix = ""  # the keys checked against the model are no longer the file's
+    return state, export_metadata(metadata, file), prefix
+
+
+def _vae_keys(key: str) -> str | None:
+    # A bare VAE file: the encoder/decoder (and a stray quant conv, which the strict check names).
+    return key if key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")) else None
+
+
+def _folder_vae(folder: Path, dtype: torch.dtype | None) -> tuple[VAEConfig, dict, Path]:
+    config = read_json(folder / "config.json")
+    if "_class_name" not in config and "block_out_channels" in config and "latent_channels" in config:
+        # Our own VAEConfig json beside its weights (e.g. data/vae_tiny).
+        file = resolve_weights_file(folder)
+        state, _, _ = read_vae_file(file, dtype)
+        return dataclass_from_dict(VAEConfig, {**config, "weights": None}), state, file
+    state = read_component_weights(folder, dtype)
+    return vae_config_from_diffusers(config, str(folder), state), state, folder
+
+
+def build_vae(config: VAEConfig, state: dict, source: Path, key_prefix: str = "") -> VAE:
+    """VAE of `config` holding exactly `state` (diffusers names), without random init."""
+    model = on_meta(lambda: VAE.from_config(dataclasses.replace(config, weights=None)))
+    return assign_weights(model, state, str(source), WHAT, key_prefix)
+
+
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> VAE:
+    """Our VAE (eval mode, frozen weights in `dtype`) from a single file, diffusers folder or .ckpt.
+
+    Shift and scaling factors come from config.json, the training config or the export metadata,
+    else SD3's (0.0609, 1.5305); a bare file's norm group count is taken to be SD3's 32.
+    """
+    source = detect(path)
+    where, prefix = source.path, ""
+    if source.kind == LIGHTNING:
+        checkpoint = read_training_checkpoint(source.path)
+        config = checkpoint.config.vae
+        if checkpoint.has("vae"):
+            state, prefix = checkpoint.component("vae", dtype), LIGHTNING_PREFIXES["vae"]
+        elif config.weights is not None:  # the run loaded its frozen VAE from a file and saved no copy
+            where = resolve_weights_file(config.weights)
+            state, _, prefix = read_vae_file(where, dtype)
+        else:
+            raise CheckpointError(f"{source.path} holds no vae.* weights and its config names no vae.weights")
+    elif source.kind in (PIPELINE, COMPONENT):
+        folder = source.subfolder("vae") if source.kind == PIPELINE else source.path
+        config, state, where = _folder_vae(folder, dtype)
+    else:
+        state, metadata, prefix = read_vae_file(source.path, dtype)
+        stored = metadata.get("vae")
+        if stored:
+            config = dataclass_from_dict(VAEConfig, stored)
+        else:
+            config = vae_config_from_weights(state, str(source.path), key_prefix=prefix)
+    return build_vae(config, state, where, prefix).requires_grad_(False)
