@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def generate_latents(
     latent_shape: tuple[int, int, int],
     sampler: SamplerConfig,
 ) -> torch.Tensor:
-    """Sampled latents [B, C, h, w] for `prompts`, one seed each, with CFG as configured."""
+    """Sampled latents [B, C, h, w] for `prompts`, one seed each, with CFG and skip-layer guidance
+    as configured (`model` takes `skip_layers=`, as MMDiT does)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     device = next(model.parameters()).device
@@ -42,6 +44,7 @@ def generate_latents(
             uncond_context, uncond_pooled = text.encode([""] * len(prompts))
         uncond_context, uncond_pooled = uncond_context.to(device, dtype), uncond_pooled.to(device, dtype)
     noise = initial_noise(seeds, latent_shape).to(device, dtype)
+    skip_layers = list(sampler.skip_layers)
     return euler_sample(
         model,
         noise,
@@ -52,6 +55,10 @@ def generate_latents(
         guidance_scale=sampler.guidance_scale,
         uncond_context=uncond_context,
         uncond_pooled=uncond_pooled,
+        skip_layer_model=functools.partial(model, skip_layers=skip_layers) if skip_layers else None,
+        skip_layer_scale=sampler.skip_layer_scale,
+        skip_layer_start=sampler.skip_layer_start,
+        skip_layer_stop=sampler.skip_layer_stop,
     )
 
 

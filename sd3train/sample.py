@@ -10,6 +10,8 @@ Arguments are key=value, like Hydra overrides:
   prompt_file     text file with one prompt per line (instead of prompts)
   seeds           list of seeds, one per prompt (default: eval.seed, eval.seed + 1, ...)
   num_steps, guidance_scale, shift, uncond   override the run's diffusion.sampler settings
+  skip_layers, skip_layer_scale, skip_layer_start, skip_layer_stop
+                  skip-layer guidance, e.g. skip_layers='[7,8,9]' skip_layer_scale=2.5 (SD3.5-Medium)
   ema             use the EMA weights when the checkpoint has them (default true)
   device          cpu | cuda (default: cuda when available)
 """
@@ -21,8 +23,9 @@ from pathlib import Path
 from sd3train.cli import fail, parse_key_values
 
 PROG = "sd3train-sample"
-ALLOWED = {"checkpoint", "out", "prompts", "prompt_file", "seeds", "num_steps", "guidance_scale", "shift",
-           "uncond", "ema", "device"}
+SAMPLER_KEYS = ("num_steps", "guidance_scale", "shift", "uncond", "skip_layers", "skip_layer_scale",
+                "skip_layer_start", "skip_layer_stop")
+ALLOWED = {"checkpoint", "out", "prompts", "prompt_file", "seeds", "ema", "device", *SAMPLER_KEYS}
 
 
 def _fail(message: str) -> None:
@@ -35,19 +38,30 @@ def main(argv: list[str] | None = None) -> None:
     if not checkpoint_path.is_file():
         _fail(f"checkpoint {checkpoint_path} does not exist")
 
+    import dataclasses
+
     import torch
 
-    from sd3train.config.validate import load_config
+    from sd3train.checkpoint import CheckpointError
+    from sd3train.checkpoint.training import read_training_checkpoint
+    from sd3train.config.typed import ConfigError, build_typed
+    from sd3train.config.validate import skip_layer_problems
     from sd3train.inference import decode_to_uint8, generate_latents, write_samples
     from sd3train.lit.module import SD3LitModule
 
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    if "sd3train_config" not in checkpoint:
-        _fail(f"{checkpoint_path} has no sd3train_config: not a checkpoint written by sd3train-train")
-    cfg = load_config(checkpoint["sd3train_config"])
-    for key in ("num_steps", "guidance_scale", "shift", "uncond"):
-        if key in args:
-            setattr(cfg.diffusion.sampler, key, args[key])
+    try:
+        # Its config, with the weights the run started from replaced by the checkpoint's own.
+        checkpoint = read_training_checkpoint(checkpoint_path)
+    except CheckpointError as error:
+        _fail(str(error))
+    cfg = checkpoint.config
+    sampler_values = {**dataclasses.asdict(cfg.diffusion.sampler), **{k: args[k] for k in SAMPLER_KEYS if k in args}}
+    sampler, problems = build_typed(type(cfg.diffusion.sampler), sampler_values)
+    if not problems:
+        problems = skip_layer_problems(sampler, cfg.model.depth)
+    if problems:
+        _fail(str(ConfigError(problems)))
+    cfg.diffusion.sampler = sampler
 
     if "prompt_file" in args:
         prompts = [line.strip() for line in Path(args["prompt_file"]).read_text().splitlines() if line.strip()]
@@ -61,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
 
     device = args.get("device", "cuda" if torch.cuda.is_available() else "cpu")
     module = SD3LitModule(cfg)
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])
+    state = {"state_dict": dict(checkpoint.state_dict)}
+    module.on_load_checkpoint(state)
+    module.load_state_dict(state["state_dict"])
     module.to(device).eval()
     model = module.sampling_model if args.get("ema", True) else module.mmdit
     side = cfg.data.resolution // module.vae.downsample_factor

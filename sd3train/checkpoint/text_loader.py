@@ -15,12 +15,10 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from sd3train.checkpoint.architecture import clip_config_from_weights, t5_config_from_weights
 from sd3train.checkpoint.build import assign_weights, on_meta
 from sd3train.checkpoint.errors import CheckpointError
-from sd3train.checkpoint.files import read_json, read_safetensors, safetensors_header, with_prefix
+from sd3train.checkpoint.files import read_json, safetensors_header
 from sd3train.checkpoint.formats import (
     COMPONENT,
     LIGHTNING,
@@ -31,12 +29,12 @@ from sd3train.checkpoint.formats import (
     detect,
     export_metadata,
 )
+from sd3train.checkpoint.encoder_files import load_text_encoder
 from sd3train.checkpoint.training import read_training_checkpoint
 from sd3train.model.text_encoders import (
     CLIP_MAX_POSITIONS,
     DIFFUSERS_SUBFOLDERS,
     TextConditioner,
-    load_diffusers_encoders,
 )
 from sd3train.model.tokenizers import PromptTokenizer, load_clip_tokenizer, load_t5_tokenizer
 
@@ -45,8 +43,6 @@ from sd3train.model.tokenizers import PromptTokenizer, load_clip_tokenizer, load
 DEFAULT_T5_MAX_LENGTH = 77
 PIPELINE_T5_MAX_LENGTH = 256
 NO_DROPOUT = (0.0, 0.0, 0.0)
-# T5's input embedding is tied to its `shared` table; files may store either name or both.
-_T5_TIED = ("shared.weight", "encoder.embed_tokens.weight")
 
 
 def _configured_pad_token(folder: Path) -> str | None:
@@ -96,30 +92,9 @@ def _from_pipeline(folder: Path, dtype, t5_max_length: int | None, t5_tokenizer)
     if missing:
         listed = ", ".join(f"{sub}/config.json" for sub in missing)
         raise CheckpointError(f"no text encoders in {folder}: missing {listed}")
-    encoders = load_diffusers_encoders(folder, dtype)
+    encoders = {name: load_text_encoder(folder, name, dtype) for name in DIFFUSERS_SUBFOLDERS}
     tokenizers = _pipeline_tokenizers(folder, encoders, t5_max_length, t5_tokenizer)
     return TextConditioner(encoders["clip_l"], encoders["clip_g"], encoders["t5"], tokenizers, NO_DROPOUT)
-
-
-def build_clip(
-    config: CLIPTextConfig, state: dict, source: str, name: str, key_prefix: str = ""
-) -> CLIPTextModelWithProjection:
-    if "text_projection.weight" not in state and config.projection_dim == config.hidden_size:
-        # Stability's CLIP-L has no projection: SD3 pools its unprojected end token.
-        dtype = next(iter(state.values())).dtype
-        state = {**state, "text_projection.weight": torch.eye(config.hidden_size, dtype=dtype)}
-    model = on_meta(lambda: CLIPTextModelWithProjection(config))
-    return assign_weights(model, state, source, f"{name} text encoder", key_prefix)
-
-
-def build_t5(config: T5Config, state: dict, source: str, key_prefix: str = "") -> T5EncoderModel:
-    state = dict(state)
-    for key, other in (_T5_TIED, _T5_TIED[::-1]):
-        if key not in state and other in state:
-            state[key] = state[other]
-    model = assign_weights(on_meta(lambda: T5EncoderModel(config)), state, source, "T5 text encoder", key_prefix)
-    model.tie_weights()  # one table again, as transformers builds it
-    return model
 
 
 def _from_single_file(file: Path, dtype, t5_max_length: int | None, t5_tokenizer) -> TextConditioner:
@@ -130,20 +105,7 @@ def _from_single_file(file: Path, dtype, t5_max_length: int | None, t5_tokenizer
     if t5_tokenizer is None:
         raise CheckpointError(f"{file} holds no tokenizers: pass t5_tokenizer=<folder with the T5 spiece.model>")
     stored = export_metadata(metadata, file).get("text", {})
-    states = {
-        name: read_safetensors(file, select=with_prefix(prefix), dtype=dtype)
-        for name, prefix in TEXT_PREFIXES.items()
-    }
-    encoders = {}
-    for name in ("clip_l", "clip_g"):
-        config = (CLIPTextConfig.from_dict(stored[name]) if name in stored
-                  else clip_config_from_weights(states[name], str(file), name, key_prefix=TEXT_PREFIXES[name]))
-        encoders[name] = build_clip(config, states[name], str(file), name, TEXT_PREFIXES[name])
-    if "t5" in stored:
-        t5_config = T5Config.from_dict(stored["t5"])
-    else:
-        t5_config = t5_config_from_weights(states["t5"], str(file), key_prefix=TEXT_PREFIXES["t5"])
-    encoders["t5"] = build_t5(t5_config, states["t5"], str(file), TEXT_PREFIXES["t5"])
+    encoders = {name: load_text_encoder(file, name, dtype) for name in TEXT_PREFIXES}
     clip_tokenizer = load_clip_tokenizer()
     clip_length = stored.get("clip_max_length", _clip_max_length(CLIP_MAX_POSITIONS, encoders))
     tokenizers = {
@@ -166,7 +128,8 @@ def _from_training(source: Source, dtype, t5_max_length: int | None, t5_tokenize
     if not checkpoint.has("text"):  # encoders loaded from the folder the config names, not saved
         conditioner = TextConditioner.from_config(text, dtype=dtype)
     else:
-        conditioner = on_meta(lambda: TextConditioner.from_config(dataclasses.replace(text, weights=None), dtype=dtype))
+        unweighted = dataclasses.replace(text, weights=None, clip_l_weights=None, clip_g_weights=None, t5_weights=None)
+        conditioner = on_meta(lambda: TextConditioner.from_config(unweighted, dtype=dtype))
         state = checkpoint.component("text", dtype)
         assign_weights(conditioner, state, str(source.path), "text encoder", LIGHTNING_PREFIXES["text"])
         conditioner.t5.tie_weights()

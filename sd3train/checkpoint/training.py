@@ -56,8 +56,18 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     # need not exist on the machine that loads the checkpoint.
     plain["trainer"] = {**plain.get("trainer", {}), "resume": "never"}
     plain["paths"] = {**plain.get("paths", {}), "pretrained": None}
+    # The weights a run started from are in the checkpoint now; a frozen component it did not save
+    # (see the module docstring) still comes from the file its config names.
+    state_dict = checkpoint["state_dict"]
+    unweighted = {"model": ("weights",), "vae": ("weights",),
+                  "text": ("weights", "clip_l_weights", "clip_g_weights", "t5_weights")}
+    saved = {"model": True, **{section: any(key.startswith(LIGHTNING_PREFIXES[section]) for key in state_dict)
+                               for section in ("vae", "text")}}
+    for section, keys in unweighted.items():
+        if saved[section]:
+            plain[section] = {**plain.get(section, {}), **{key: None for key in keys}}
     try:
         config = load_config(plain)
     except ConfigError as error:
         raise CheckpointError(f"the training config stored in {path} is invalid: {error}") from error
-    return TrainingCheckpoint(path, checkpoint["state_dict"], config)
+    return TrainingCheckpoint(path, state_dict, config)

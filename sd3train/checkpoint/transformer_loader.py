@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -82,7 +83,23 @@ def transformer_from_single_file(file: Path, dtype: torch.dtype) -> tuple[ModelC
 
 def build_transformer(config: ModelConfig, state: dict, source: Path, key_prefix: str = "") -> MMDiT:
     """MMDiT of `config` holding exactly `state` (official names), without random init."""
-    return assign_weights(on_meta(lambda: MMDiT.from_config(config)), state, str(source), WHAT, key_prefix)
+    unweighted = dataclasses.replace(config, weights=None)  # `state` is the weights, not what the config names
+    return assign_weights(on_meta(lambda: MMDiT.from_config(unweighted)), state, str(source), WHAT, key_prefix)
+
+
+def read_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict, Path, str]:
+    """(architecture, official-named state, the file or folder it came from, the prefix its keys carry
+    there) of the MM-DiT at `path`, in any layout `load_transformer` reads."""
+    source = detect(path)
+    if source.kind == LIGHTNING:
+        checkpoint = read_training_checkpoint(source.path)
+        return checkpoint.config.model, checkpoint.transformer(dtype), source.path, checkpoint.transformer_prefix()
+    if source.kind in (PIPELINE, COMPONENT):
+        where = source.subfolder("transformer") if source.kind == PIPELINE else source.path
+        config, state = transformer_from_diffusers_folder(where, dtype)
+        return config, state, where, ""
+    config, state, prefix = transformer_from_single_file(source.path, dtype)
+    return config, state, source.path, prefix
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> MMDiT:
@@ -91,15 +108,5 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> MM
     A .ckpt gives its EMA weights when it has them. The architecture comes from config.json, the
     training config or the export metadata when there is one, else from the weights themselves.
     """
-    source = detect(path)
-    where, prefix = source.path, ""
-    if source.kind == LIGHTNING:
-        checkpoint = read_training_checkpoint(source.path)
-        prefix = checkpoint.transformer_prefix()
-        config, state = checkpoint.config.model, checkpoint.transformer(dtype)
-    elif source.kind in (PIPELINE, COMPONENT):
-        where = source.subfolder("transformer") if source.kind == PIPELINE else source.path
-        config, state = transformer_from_diffusers_folder(where, dtype)
-    else:
-        config, state, prefix = transformer_from_single_file(source.path, dtype)
+    config, state, where, prefix = read_transformer(path, dtype)
     return build_transformer(config, state, where, prefix)

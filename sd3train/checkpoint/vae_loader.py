@@ -85,32 +85,42 @@ def build_vae(config: VAEConfig, state: dict, source: Path, key_prefix: str = ""
     return assign_weights(model, state, str(source), WHAT, key_prefix)
 
 
-def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> VAE:
-    """Our VAE (eval mode, frozen weights in `dtype`) from a single file, diffusers folder or .ckpt.
+def read_vae(
+    path: str | Path, dtype: torch.dtype | None = torch.float32, norm_num_groups: int | None = None
+) -> tuple[VAEConfig, dict, Path, str]:
+    """(config, diffusers-named state, the file or folder it came from, the prefix its keys carry
+    there) of the VAE at `path`, in any layout `load_vae` reads.
 
     Shift and scaling factors come from config.json, the training config or the export metadata,
-    else SD3's (0.0609, 1.5305); a bare file's norm group count is taken to be SD3's 32.
+    else SD3's (0.0609, 1.5305); a bare file's norm group count is `norm_num_groups`, else SD3's 32.
     """
     source = detect(path)
-    where, prefix = source.path, ""
     if source.kind == LIGHTNING:
         checkpoint = read_training_checkpoint(source.path)
         config = checkpoint.config.vae
         if checkpoint.has("vae"):
-            state, prefix = checkpoint.component("vae", dtype), LIGHTNING_PREFIXES["vae"]
-        elif config.weights is not None:  # the run loaded its frozen VAE from a file and saved no copy
-            where = resolve_weights_file(config.weights)
-            state, _, prefix = read_vae_file(where, dtype)
-        else:
+            return config, checkpoint.component("vae", dtype), source.path, LIGHTNING_PREFIXES["vae"]
+        if config.weights is None:
             raise CheckpointError(f"{source.path} holds no vae.* weights and its config names no vae.weights")
-    elif source.kind in (PIPELINE, COMPONENT):
+        # The run loaded its frozen VAE from a file and saved no copy.
+        where = resolve_weights_file(config.weights)
+        state, _, prefix = read_vae_file(where, dtype)
+        return config, state, where, prefix
+    if source.kind in (PIPELINE, COMPONENT):
         folder = source.subfolder("vae") if source.kind == PIPELINE else source.path
         config, state, where = _folder_vae(folder, dtype)
+        return config, state, where, ""
+    state, metadata, prefix = read_vae_file(source.path, dtype)
+    stored = metadata.get("vae")
+    if stored:
+        config = dataclass_from_dict(VAEConfig, stored)
     else:
-        state, metadata, prefix = read_vae_file(source.path, dtype)
-        stored = metadata.get("vae")
-        if stored:
-            config = dataclass_from_dict(VAEConfig, stored)
-        else:
-            config = vae_config_from_weights(state, str(source.path), key_prefix=prefix)
+        config = vae_config_from_weights(state, str(source.path), norm_num_groups=norm_num_groups, key_prefix=prefix)
+    return config, state, source.path, prefix
+
+
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> VAE:
+    """Our VAE (eval mode, frozen weights in `dtype`) from a single file, diffusers folder or .ckpt
+    (the layouts and defaults of `read_vae`)."""
+    config, state, where, prefix = read_vae(path, dtype)
     return build_vae(config, state, where, prefix).requires_grad_(False)

@@ -39,6 +39,9 @@ class ModelConfig:
     # Side of the centred window the random crops stay in (SD3.5-Medium's example: 64x64 crops from
     # a 192x192 window); None: the whole pos_embed_max_size table.
     pos_embed_crop_region: Optional[int] = None
+    # Weights to start from: a Stability single file, a diffusers pipeline or transformer folder, or
+    # an sd3train .ckpt (its EMA weights); they must be the architecture above. None: SD3's random init.
+    weights: Optional[str] = None
 
 
 @dataclass
@@ -104,7 +107,13 @@ class TextConfig:
     # Random initialisation seed when no weights are given (tiny configs): the same seed gives the
     # same frozen encoders in training and sampling.
     init_seed: int = 0
+    # A diffusers pipeline folder (text_encoder{,_2,_3}/) or a single file with text_encoders.*;
+    # each encoder's own file or folder (ComfyUI's clip_l.safetensors, LAION's OpenCLIP bigG
+    # open_clip_model.safetensors, a T5 folder) overrides it for that encoder.
     weights: Optional[str] = None
+    clip_l_weights: Optional[str] = None
+    clip_g_weights: Optional[str] = None
+    t5_weights: Optional[str] = None
 
 
 @dataclass
@@ -114,6 +123,13 @@ class SamplerConfig:
     shift: float = 3.0
     # Unconditional branch of CFG: "zeros" (what dropout trains) or "empty_prompt" (diffusers).
     uncond: str = "zeros"
+    # Skip-layer guidance (SD3.5-Medium: layers [7, 8, 9], scale 2.5): while the step index is inside
+    # (num_steps * start, num_steps * stop), v += scale * (v_cond - v_cond with these joint blocks
+    # skipped). Scale 0 turns it off.
+    skip_layers: list[int] = field(default_factory=list)
+    skip_layer_scale: float = 0.0
+    skip_layer_start: float = 0.01
+    skip_layer_stop: float = 0.2
 
 
 @dataclass

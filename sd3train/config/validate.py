@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sd3train.config.schema import TrainConfig
+from sd3train.config.schema import SamplerConfig, TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
+from sd3train.paths import resolve_repo_path
 from sd3train.runtime.lr_schedule import SCHEDULES
 
 DENSITIES = ("logit_normal", "mode", "cosmap", "uniform")
@@ -64,6 +66,22 @@ def unresolvable_problems(node: DictConfig | ListConfig, prefix: str = "") -> li
 def _in_range(problems: list[str], key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         problems.append(f"{key}: {value} is outside [{low}, {high}]")
+
+
+def skip_layer_problems(sampler: SamplerConfig, depth: int, prefix: str = "") -> list[str]:
+    """Skip-layer guidance settings that cannot work with an MM-DiT of `depth` joint blocks."""
+    problems = []
+    outside = [layer for layer in sampler.skip_layers if not 0 <= layer < depth]
+    if outside:
+        problems.append(f"{prefix}skip_layers: {outside} outside the model's joint blocks 0..{depth - 1}")
+    if sampler.skip_layer_scale < 0:
+        problems.append(f"{prefix}skip_layer_scale: must be >= 0, got {sampler.skip_layer_scale}")
+    if sampler.skip_layer_scale > 0 and not sampler.skip_layers:
+        problems.append(f"{prefix}skip_layer_scale: {sampler.skip_layer_scale} needs {prefix}skip_layers to name layers")
+    if not 0.0 <= sampler.skip_layer_start < sampler.skip_layer_stop <= 1.0:
+        problems.append(f"{prefix}skip_layer_start/stop: need 0 <= start < stop <= 1, got "
+                        f"{sampler.skip_layer_start}, {sampler.skip_layer_stop}")
+    return problems
 
 
 def cross_field_problems(cfg: TrainConfig) -> list[str]:
@@ -126,6 +144,7 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"diffusion.sampler.uncond: {diffusion.sampler.uncond!r} is not one of {', '.join(UNCOND_MODES)}")
     if diffusion.sampler.num_steps < 1:
         problems.append(f"diffusion.sampler.num_steps: must be >= 1, got {diffusion.sampler.num_steps}")
+    problems.extend(skip_layer_problems(diffusion.sampler, model.depth, "diffusion.sampler."))
     if data.batch_size < 1:
         problems.append(f"data.batch_size: must be >= 1, got {data.batch_size}")
     if data.num_workers < 0:
@@ -152,10 +171,35 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"trainer.resume: {trainer.resume!r} is neither 'auto', 'never' nor an existing checkpoint file")
     if cfg.logger.wandb_mode not in WANDB_MODES:
         problems.append(f"logger.wandb_mode: {cfg.logger.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}")
-    if cfg.paths.pretrained is not None and not Path(cfg.paths.pretrained).exists():
-        problems.append(f"paths.pretrained: {cfg.paths.pretrained} does not exist")
+    problems.extend(missing_weight_paths(cfg))
     if cfg.eval.num_colour_prompts < 0:
         problems.append(f"eval.num_colour_prompts: must be >= 0, got {cfg.eval.num_colour_prompts}")
+    return problems
+
+
+def weight_paths(cfg: TrainConfig) -> dict[str, Optional[str]]:
+    """Every config key that names weights to load, with its value (None: not set)."""
+    text = cfg.text
+    return {
+        "paths.pretrained": cfg.paths.pretrained,
+        "model.weights": cfg.model.weights,
+        "vae.weights": cfg.vae.weights,
+        "text.weights": text.weights,
+        "text.clip_l_weights": text.clip_l_weights,
+        "text.clip_g_weights": text.clip_g_weights,
+        "text.t5_weights": text.t5_weights,
+    }
+
+
+def missing_weight_paths(cfg: TrainConfig) -> list[str]:
+    """One problem per weights path that does not exist (relative paths start at the repo root, as
+    the loaders read them). An interpolated path (vae.weights: ${paths.pretrained}) is named once."""
+    problems, reported = [], set()
+    for key, value in weight_paths(cfg).items():
+        if value is None or value in reported or resolve_repo_path(value).exists():
+            continue
+        reported.add(value)
+        problems.append(f"{key}: {value} does not exist")
     return problems
 
 

@@ -11,11 +11,11 @@ from sd3train.diffusion.flow import binned_mean, interpolate, per_sample_mse, ve
 from sd3train.diffusion.timesteps import resolution_shift, sample_timesteps
 from sd3train.lit.ema import EMAModel
 from sd3train.lit.latent_cache import LatentMomentCache
-from sd3train.runtime.lr_schedule import lr_factor
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.mmdit import MMDiT
-from sd3train.model.text_encoders import TextConditioner
+from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner, weight_sources
 from sd3train.model.vae import VAE
+from sd3train.runtime.lr_schedule import lr_factor
 from sd3train.runtime.rng import derive_seed, step_generator
 
 # Validation loss as in SD3: 8 equally spaced t in [0, 1), excluding the pure-noise end t = 1.
@@ -161,8 +161,9 @@ class SD3LitModule(L.LightningModule):
         Randomly initialised encoders (tiny configs) are saved: a checkpoint must not depend on
         the initialisation code staying bit-for-bit the same.
         """
-        return tuple(prefix for prefix, weights in (("vae.", self.cfg.vae.weights), ("text.", self.cfg.text.weights))
-                     if weights is not None)
+        text_from_files = len(weight_sources(self.cfg.text)) == len(ENCODER_NAMES)  # else all are saved
+        return tuple(prefix for prefix, from_files in (("vae.", self.cfg.vae.weights is not None),
+                                                       ("text.", text_from_files)) if from_files)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]

@@ -124,7 +124,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         tokens = self.proj(latents)  # (B, hidden, H/p, W/p)
-        return tokens.flatten(2).transpose(1, 2)  # (B, H/p * W/p, hidden)
+        # Contiguous: a transposed view would make every LayerNorm copy it and every residual add stride.
+        return tokens.flatten(2).transpose(1, 2).contiguous()  # (B, H/p * W/p, hidden)
 
 
 class MLPEmbedder(nn.Module):

@@ -93,24 +93,27 @@ def _random_init(model_class: type[nn.Module], config, seed: int) -> nn.Module:
         return model_class(config)
 
 
-def load_diffusers_encoders(folder: Path, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """The three encoders from a diffusers SD3 pipeline folder (text_encoder, _2, _3 subfolders)."""
-    missing = [sub for sub in DIFFUSERS_SUBFOLDERS.values() if not (folder / sub / "config.json").is_file()]
+def weight_sources(cfg: TextConfig) -> dict[str, str]:
+    """Where each encoder's weights come from: its own `<name>_weights`, else `weights` (a pipeline
+    folder or single file); encoders missing here are randomly initialised."""
+    return {name: path for name in ENCODER_NAMES if (path := getattr(cfg, f"{name}_weights") or cfg.weights)}
+
+
+def _check_pipeline_folder(folder: Path, names: list[str]) -> None:
+    """`text.weights` as a folder must hold the subfolders of the encoders it is to provide."""
+    if not folder.is_dir():
+        return  # a single file: the loader names what is missing in it
+    missing = [DIFFUSERS_SUBFOLDERS[name] for name in names if not (folder / DIFFUSERS_SUBFOLDERS[name] / "config.json").is_file()]
     if missing:
         raise FileNotFoundError(
             f"text.weights={str(folder)!r} must be a diffusers SD3 pipeline folder; missing "
             + ", ".join(f"{sub}/config.json" for sub in missing)
         )
-    classes = {"clip_l": CLIPTextModelWithProjection, "clip_g": CLIPTextModelWithProjection, "t5": T5EncoderModel}
-    return {
-        name: classes[name].from_pretrained(str(folder / sub), dtype=dtype, local_files_only=True)
-        for name, sub in DIFFUSERS_SUBFOLDERS.items()
-    }
 
 
-def _check_loaded_sizes(cfg: TextConfig, encoders: dict[str, nn.Module], folder: Path, num_t5_tokens: int) -> None:
-    """Loaded encoders must have the sizes the config promises (the MM-DiT is built from them)
-    and a T5 embedding table that covers every id of the T5 tokenizer."""
+def _check_loaded_sizes(cfg: TextConfig, encoders: dict[str, nn.Module], sources: dict[str, Path], num_t5_tokens: int) -> None:
+    """Loaded encoders (`sources`: name -> where from) must have the sizes the config promises (the
+    MM-DiT is built from them) and a T5 embedding table that covers every id of the T5 tokenizer."""
     expected = {
         "clip_l": {"hidden_size": cfg.clip_l.hidden_size, "num_hidden_layers": cfg.clip_l.num_layers,
                    "projection_dim": cfg.clip_l.projection_dim},
@@ -119,15 +122,15 @@ def _check_loaded_sizes(cfg: TextConfig, encoders: dict[str, nn.Module], folder:
         "t5": {"d_model": cfg.t5.d_model, "num_layers": cfg.t5.num_layers},
     }
     problems = [
-        f"{name}.{key}: config {value}, {folder / DIFFUSERS_SUBFOLDERS[name]} has {getattr(encoders[name].config, key)}"
-        for name, fields in expected.items()
-        for key, value in fields.items()
+        f"{name}.{key}: config {value}, {sources[name]} has {getattr(encoders[name].config, key)}"
+        for name, source in sources.items()
+        for key, value in expected[name].items()
         if getattr(encoders[name].config, key) != value
     ]
-    if encoders["t5"].config.vocab_size < num_t5_tokens:
+    if "t5" in sources and encoders["t5"].config.vocab_size < num_t5_tokens:
         problems.append(
             f"t5: the tokenizer ({cfg.t5_tokenizer}) has {num_t5_tokens} tokens, more than the "
-            f"{encoders['t5'].config.vocab_size} embedding rows in {folder / DIFFUSERS_SUBFOLDERS['t5']}"
+            f"{encoders['t5'].config.vocab_size} embedding rows in {sources['t5']}"
         )
     if problems:
         raise ValueError("text encoder weights do not match the text config:\n  " + "\n  ".join(problems))
@@ -190,8 +193,10 @@ class TextConditioner(nn.Module):
     def from_config(
         cls, cfg: TextConfig, repo_root: Path | None = None, dtype: torch.dtype = torch.float32
     ) -> "TextConditioner":
-        """Tokenizers from the config's folders (relative to the repo root); encoders from
-        `cfg.weights` (a diffusers SD3 pipeline folder) or randomly initialised from `cfg.init_seed`."""
+        """Tokenizers from the config's folders (relative to the repo root); each encoder from its
+        `cfg.<name>_weights`, else from `cfg.weights` (a diffusers SD3 pipeline folder or a single
+        file with `text_encoders.*`), else randomly initialised from `cfg.init_seed`. Weights load in
+        any layout `sd3train.checkpoint.encoder_files.load_text_encoder` reads (OpenCLIP bigG too)."""
         root = Path(repo_root) if repo_root is not None else REPO_ROOT
 
         def resolve(path: str) -> Path:
@@ -204,20 +209,23 @@ class TextConditioner(nn.Module):
             "clip_g": PromptTokenizer.clip(clip_tokenizer, cfg.clip_g.max_length, cfg.clip_g.pad_with_end),
             "t5": PromptTokenizer.t5(t5_tokenizer, cfg.t5.max_length),
         }
+        sources = {name: resolve(path) for name, path in weight_sources(cfg).items()}
         if cfg.weights:
-            folder = resolve(cfg.weights)
-            encoders = load_diffusers_encoders(folder, dtype)
-            _check_loaded_sizes(cfg, encoders, folder, len(t5_tokenizer))
-        else:
-            configs = {
-                "clip_l": (CLIPTextModelWithProjection, clip_text_config(cfg.clip_l)),
-                "clip_g": (CLIPTextModelWithProjection, clip_text_config(cfg.clip_g)),
-                "t5": (T5EncoderModel, t5_encoder_config(cfg.t5, len(t5_tokenizer))),
-            }
-            encoders = {
-                name: _random_init(model_class, config, _encoder_seed(cfg.init_seed, name)).to(dtype)
-                for name, (model_class, config) in configs.items()
-            }
+            _check_pipeline_folder(resolve(cfg.weights), [name for name in sources if not getattr(cfg, f"{name}_weights")])
+        configs = {
+            "clip_l": (CLIPTextModelWithProjection, clip_text_config(cfg.clip_l)),
+            "clip_g": (CLIPTextModelWithProjection, clip_text_config(cfg.clip_g)),
+            "t5": (T5EncoderModel, t5_encoder_config(cfg.t5, len(t5_tokenizer))),
+        }
+        encoders = {}
+        for name, (model_class, config) in configs.items():
+            if name in sources:
+                from sd3train.checkpoint.encoder_files import load_text_encoder  # builds on this package
+
+                encoders[name] = load_text_encoder(sources[name], name, dtype)
+            else:
+                encoders[name] = _random_init(model_class, config, _encoder_seed(cfg.init_seed, name)).to(dtype)
+        _check_loaded_sizes(cfg, encoders, sources, len(t5_tokenizer))
         dropout = (cfg.dropout_clip_l, cfg.dropout_clip_g, cfg.dropout_t5)
         return cls(encoders["clip_l"], encoders["clip_g"], encoders["t5"], tokenizers, dropout)
 

@@ -244,7 +244,13 @@ class VAE(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: VAEConfig) -> "VAE":
-        vae = cls(
+        """The configured VAE; with `cfg.weights`, frozen and holding them, read from any layout
+        `sd3train.checkpoint.load_vae` knows (built without random init)."""
+        if cfg.weights is not None:
+            from sd3train.checkpoint.pretrained import pretrained_vae  # the checkpoint package builds on this one
+
+            return pretrained_vae(cfg)
+        return cls(
             latent_channels=cfg.latent_channels,
             in_channels=cfg.in_channels,
             block_out_channels=cfg.block_out_channels,
@@ -254,9 +260,6 @@ class VAE(nn.Module):
             scaling_factor=cfg.scaling_factor,
             use_quant_conv=cfg.use_quant_conv,
         )
-        if cfg.weights is not None:
-            vae.load_weights(cfg.weights)
-        return vae
 
     @property
     def downsample_factor(self) -> int:

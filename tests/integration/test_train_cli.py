@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # The console scripts sit next to the interpreter running the tests (make calls .venv/bin/python).
 BIN = Path(sys.executable).parent
@@ -68,3 +70,18 @@ def test_sample_cli_writes_pngs_and_manifest(trained_run, tmp_path):
     assert [r["seed"] for r in records] == [5, 6]
     assert records[0]["prompt"] == "a red circle on a white background"
     assert all((out / r["file"]).is_file() for r in records)
+
+
+def test_sample_cli_applies_skip_layer_guidance_and_checks_it(trained_run, tmp_path):
+    checkpoint = f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}"
+    common = ["prompts=[a red circle on a white background]", "seeds=[5]", "num_steps=4"]
+    outs = {}
+    for name, extra in (("plain", []), ("guided", ["skip_layers=[0]", "skip_layer_scale=3.0", "skip_layer_stop=0.9"])):
+        outs[name] = tmp_path / name
+        run([str(BIN / "sd3train-sample"), checkpoint, *common, *extra, f"out={outs[name]}"], tmp_path)
+    plain, guided = (np.asarray(Image.open(outs[name] / "0000-seed5.png")) for name in ("plain", "guided"))
+    assert plain.shape == guided.shape and not np.array_equal(plain, guided)
+    result = subprocess.run([str(BIN / "sd3train-sample"), checkpoint, *common, "skip_layers=[9]",
+                             "skip_layer_scale=2.5"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert "skip_layers: [9] outside the model's joint blocks 0..1" in result.stderr

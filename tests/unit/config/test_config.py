@@ -89,3 +89,30 @@ def test_cli_rejects_bad_override_before_building_anything(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "model.depth" in result.stderr and "data.batch_size" in result.stderr
     assert not any(tmp_path.glob("tiny_cpu/*/checkpoints"))
+
+
+def test_skip_layer_guidance_settings_are_checked_against_the_model():
+    with pytest.raises(ConfigError) as error:
+        load_config(compose_config([
+            "experiment=tiny_cpu", "diffusion.sampler.skip_layers=[1,4]", "diffusion.sampler.skip_layer_stop=0.005",
+        ]))
+    assert error.value.problems == [
+        "diffusion.sampler.skip_layers: [4] outside the model's joint blocks 0..3",
+        "diffusion.sampler.skip_layer_start/stop: need 0 <= start < stop <= 1, got 0.01, 0.005",
+    ]
+    with pytest.raises(ConfigError, match="skip_layer_scale: 2.5 needs diffusion.sampler.skip_layers"):
+        load_config(compose_config(["experiment=tiny_cpu", "diffusion.sampler.skip_layer_scale=2.5"]))
+    cfg = load_config(compose_config(["experiment=tiny_cpu", "diffusion.sampler.skip_layers=[1,2]",
+                                      "diffusion.sampler.skip_layer_scale=2.5"]))
+    assert (cfg.diffusion.sampler.skip_layers, cfg.diffusion.sampler.skip_layer_scale) == ([1, 2], 2.5)
+
+
+def test_weight_paths_that_do_not_exist_are_each_named(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(compose_config([
+            "experiment=tiny_cpu", f"model.weights={tmp_path}/mmdit.safetensors", f"text.clip_g_weights={tmp_path}/g",
+        ]))
+    assert error.value.problems == [
+        f"model.weights: {tmp_path}/mmdit.safetensors does not exist",
+        f"text.clip_g_weights: {tmp_path}/g does not exist",
+    ]

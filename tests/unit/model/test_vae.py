@@ -90,12 +90,12 @@ def test_load_reports_the_first_missing_key():
         vae.load_vae_state_dict(state, source="my.safetensors")
 
 
-def test_load_reports_the_first_unexpected_key_and_the_file(tmp_path):
+def test_weights_of_another_architecture_are_refused_naming_the_file_and_field(tmp_path):
     vae = tiny_vae()
     state = {**vae.state_dict(), "quant_conv.weight": torch.zeros(32, 32, 1, 1)}
     path = tmp_path / "vae.safetensors"
     save_file(state, str(path))
-    with pytest.raises(RuntimeError, match=r"vae\.safetensors.*unexpected.*'quant_conv\.weight'"):
+    with pytest.raises(ValueError, match=r"(?s)vae\.weights=.*vae\.safetensors.*vae\.use_quant_conv: the config says False"):
         VAE.from_config(VAEConfig(**TINY, weights=str(path)))
 
 

@@ -1,0 +1,26 @@
+"""GPU peak lookup for MFU: names as torch.cuda.get_device_name() prints them."""
+
+import pytest
+
+from sd3train.bench.peak import peak_tflops
+
+
+@pytest.mark.parametrize("device_name,precision,expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+    ("NVIDIA H200", "bf16", 989.4),
+    ("NVIDIA GH200 480GB", "bf16", 989.4),
+    ("NVIDIA H100 PCIe", "bf16", 756.5),
+    ("NVIDIA H100 NVL", "bf16", 835.5),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
+    ("NVIDIA A100 80GB PCIe", "tf32", 156.0),
+    ("NVIDIA L40S", "bf16", 362.1),
+    ("NVIDIA L4", "bf16", 121.0),
+])
+def test_known_gpus_have_their_dense_peak(device_name, precision, expected):
+    assert peak_tflops(device_name, precision) == expected
+
+
+@pytest.mark.parametrize("device_name", ["NVIDIA L40", "NVIDIA GeForce RTX 4090", "Tesla T4"])
+def test_unknown_gpus_have_no_peak_rather_than_a_neighbours(device_name):
+    assert peak_tflops(device_name, "bf16") is None
