@@ -12,3 +12,17 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+import pytest  # noqa: E402  (after the environment: importing torch must see OMP_NUM_THREADS)
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread in the test process too (torch may have read OMP_NUM_THREADS earlier):
+    tiny models run fastest on one, and two threads on a busy 2-core box were 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,7 +32,13 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 from sd3train.checkpoint.architecture import clip_config_from_weights, t5_config_from_weights
 from sd3train.checkpoint.build import assign_weights, on_meta
 from sd3train.checkpoint.errors import CheckpointError
-from sd3train.checkpoint.files import component_weight_files, read_json, read_safetensors, safetensors_header
+from sd3train.checkpoint.files import (
+    component_weight_files,
+    read_json,
+    read_safetensors,
+    safetensors_header,
+    torch_load,
+)
 from sd3train.checkpoint.formats import PIPELINE, PIPELINE_SUBFOLDERS, TEXT_PREFIXES, Source, export_metadata
 from sd3train.checkpoint.openclip_text import OPENCLIP_NON_TEXT, is_openclip_text, transformers_from_openclip
 
@@ -94,15 +100,7 @@ def _select(prefix: str, skipped: tuple[str, ...]) -> Callable[[str], str | None
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        try:
-            loaded = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):  # only the legacy (non-zip) format cannot be mapped
-                raise
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged pickle or zip
-        raise CheckpointError(f"cannot read weight file {file}: {type(error).__name__}: {error}") from error
+    loaded = torch_load(file, weights_only=True, what="weight file")
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]  # an open_clip training checkpoint
     if not isinstance(loaded, dict):

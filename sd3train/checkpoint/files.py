@@ -108,21 +108,27 @@ def read_json(file: Path) -> dict:
         raise CheckpointError(f"cannot read {file}: {error}") from error
 
 
+def torch_load(file: Path, *, weights_only: bool, what: str) -> object:
+    """`torch.load` onto the CPU, memory-mapped (tensors paged in on use) unless the file is in the
+    legacy non-zip format; CheckpointError naming `what` and the file if it cannot be read."""
+    try:
+        try:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=weights_only)
+        except RuntimeError as error:
+            if "mmap" not in str(error):  # only the legacy (non-zip) format cannot be mapped
+                raise
+            return torch.load(file, map_location="cpu", weights_only=weights_only)
+    except Exception as error:  # torch raises many types for a damaged pickle or zip
+        raise CheckpointError(f"cannot read {what} {file}: {type(error).__name__}: {error}") from error
+
+
 def read_lightning_checkpoint(file: Path) -> dict:
     """A Lightning .ckpt written by sd3train-train, memory-mapped so tensors are paged in on use.
 
     Unpickled with weights_only=False: the checkpoint is our own format and holds optimizer and
     loop state objects. Do not load .ckpt files from untrusted sources.
     """
-    try:
-        try:
-            checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-        except RuntimeError as error:
-            if "mmap" not in str(error):  # only the legacy (non-zip) format cannot be mapped
-                raise
-            checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged pickle or zip
-        raise CheckpointError(f"cannot read checkpoint {file}: {type(error).__name__}: {error}") from error
+    checkpoint = torch_load(file, weights_only=False, what="checkpoint")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{file} is not a Lightning checkpoint (no state_dict)")
     return checkpoint

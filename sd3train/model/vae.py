@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from sd3train.config.schema import VAEConfig
@@ -32,11 +31,6 @@ NORM_EPS = 1e-6
 WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "vae.safetensors")
 # diffusers clamps log-variance to this range before taking exp.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-
-
-class VAEWeightsError(ValueError, RuntimeError):
-    """Weights that do not fit the model. Both bases: callers may expect either a config error
-    (ValueError) or what torch's strict `load_state_dict` raises (RuntimeError)."""
 
 
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -302,32 +296,6 @@ class VAE(nn.Module):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
-
-    def load_weights(self, path: str | Path) -> Path:
-        """Strictly load a safetensors file, or a folder holding one; returns the file used."""
-        file = resolve_weights_file(path)
-        self.load_vae_state_dict(load_file(str(file)), source=str(file))
-        return file
-
-    def load_vae_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Strict load that names `source` and the first offending key, instead of torch's long list."""
-        expected = self.state_dict()
-        missing = [key for key in expected if key not in state_dict]
-        unexpected = [key for key in state_dict if key not in expected]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
-            raise VAEWeightsError(f"VAE weights from {source} do not match the model: " + "; ".join(parts))
-        for key, tensor in state_dict.items():
-            if tensor.shape != expected[key].shape:
-                raise VAEWeightsError(
-                    f"VAE weights from {source}: {key!r} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(expected[key].shape)} (check block_out_channels / latent_channels)"
-                )
-        self.load_state_dict(state_dict, strict=True)
 
 
 def resolve_weights_file(path: str | Path) -> Path:

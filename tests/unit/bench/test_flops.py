@@ -25,14 +25,6 @@ CONFIGS = {
 LATENT_SIZES = [(16, 16), (12, 20)]  # square and non-square patch grids (8x8, 6x10)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def counted(config: ModelConfig, height: int, width: int, backward: bool) -> int:
     """FlopCounterMode's total for one forward (and backward) with SDPA's math backend, whose bmm's
     torch counts; torch has no formula for the CPU flash kernel and counts it as 0."""

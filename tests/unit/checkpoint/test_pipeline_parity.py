@@ -19,6 +19,17 @@ SEEDS = [3, 4]
 LATENT_SHAPE = (16, 8, 6)  # (C, h, w): non-square, 16x12 pixels with the 2-level VAE
 
 
+def pipeline_latents(pipeline, noise: torch.Tensor, sampler: SamplerConfig, **options) -> torch.Tensor:
+    """What StableDiffusion3Pipeline samples for PROMPTS from `noise`, with the sampler's steps and CFG."""
+    scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    with torch.no_grad():
+        return pipeline(
+            prompt=PROMPTS, num_inference_steps=sampler.num_steps, guidance_scale=sampler.guidance_scale,
+            latents=noise.clone(), height=LATENT_SHAPE[1] * scale, width=LATENT_SHAPE[2] * scale,
+            output_type="latent", **options,
+        ).images
+
+
 def test_euler_cfg_sampling_matches_the_diffusers_pipeline(tiny_pipeline, tiny_pipeline_folder):
     pipeline, _ = tiny_pipeline
     sampler = SamplerConfig(num_steps=4, guidance_scale=4.5, shift=3.0, uncond="empty_prompt")
@@ -27,13 +38,7 @@ def test_euler_cfg_sampling_matches_the_diffusers_pipeline(tiny_pipeline, tiny_p
     ours = generate_latents(model, text, PROMPTS, SEEDS, LATENT_SHAPE, sampler)
 
     noise = initial_noise(SEEDS, LATENT_SHAPE)
-    scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    with torch.no_grad():
-        expected = pipeline(
-            prompt=PROMPTS, num_inference_steps=sampler.num_steps, guidance_scale=sampler.guidance_scale,
-            latents=noise.clone(), height=LATENT_SHAPE[1] * scale, width=LATENT_SHAPE[2] * scale,
-            output_type="latent",
-        ).images
+    expected = pipeline_latents(pipeline, noise, sampler)
     assert pipeline.scheduler.config.shift == 3.0
     assert (expected - noise).abs().mean() > 0.1  # the model moved the latents
     assert relative_error(ours, expected) < 1e-4  # measured 5.3e-7 (3.1e-7 at 28 steps, CFG 7)
@@ -65,15 +70,10 @@ def test_skip_layer_guidance_matches_the_diffusers_pipeline(tiny_pipeline, tiny_
     text = load_text_conditioner(tiny_pipeline_folder)
     ours = generate_latents(model, text, PROMPTS, SEEDS, LATENT_SHAPE, guided)
 
-    noise = initial_noise(SEEDS, LATENT_SHAPE)
-    scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    with torch.no_grad():
-        expected = pipeline(
-            prompt=PROMPTS, num_inference_steps=guided.num_steps, guidance_scale=guided.guidance_scale,
-            latents=noise.clone(), height=LATENT_SHAPE[1] * scale, width=LATENT_SHAPE[2] * scale,
-            output_type="latent", skip_guidance_layers=[0], skip_layer_guidance_scale=2.5,
-            skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.35,
-        ).images
+    expected = pipeline_latents(
+        pipeline, initial_noise(SEEDS, LATENT_SHAPE), guided, skip_guidance_layers=[0], skip_layer_guidance_scale=2.5,
+        skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.35,
+    )
     assert relative_error(ours, expected) < 1e-4  # measured 3.4e-7
     unguided = generate_latents(model, text, PROMPTS, SEEDS, LATENT_SHAPE,
                                 SamplerConfig(num_steps=10, guidance_scale=4.5, shift=3.0, uncond="empty_prompt"))

@@ -13,15 +13,6 @@ TINY = dict(depth=2, hidden_size=64, num_heads=2, in_channels=4, context_dim=96,
             pos_embed_max_size=16, sample_size=16)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core box are 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(**overrides) -> MMDiT:
     torch.manual_seed(0)
     return MMDiT(**{**TINY, **overrides})

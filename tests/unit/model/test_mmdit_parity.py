@@ -17,14 +17,6 @@ diffusers = pytest.importorskip("diffusers")
 LATENT_SIZES = [(16, 16), (12, 20)]  # patch grids 8x8 and 6x10 (non-square) cropped from a 16x16 table
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def reference_model(name: str):
     return diffusers_transformer(name)

@@ -10,14 +10,6 @@ MAX = 16  # table side
 HIDDEN = 64
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model() -> MMDiT:
     model = MMDiT(depth=2, hidden_size=HIDDEN, num_heads=2, in_channels=4, context_dim=96, pooled_dim=48,
                   pos_embed_max_size=MAX, sample_size=16)

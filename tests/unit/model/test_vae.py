@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from sd3train.config.schema import VAEConfig
-from sd3train.model.vae import VAE, Downsample, VAEWeightsError
+from sd3train.checkpoint import CheckpointError
+from sd3train.model.vae import VAE, Downsample
 
 TINY = dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
 
@@ -82,12 +83,12 @@ def test_downsample_pads_right_and_bottom_only():
     assert out[0, 0].tolist() == x[0, 0, 1::2, 1::2].tolist()
 
 
-def test_load_reports_the_first_missing_key():
-    vae = tiny_vae()
-    state = vae.state_dict()
+def test_load_reports_the_first_missing_key_and_the_file(tmp_path):
+    state = tiny_vae().state_dict()
     del state["decoder.mid_block.attentions.0.to_q.weight"]
-    with pytest.raises(VAEWeightsError, match=r"missing.*'decoder\.mid_block\.attentions\.0\.to_q\.weight'"):
-        vae.load_vae_state_dict(state, source="my.safetensors")
+    save_file(state, str(tmp_path / "my.safetensors"))
+    with pytest.raises(CheckpointError, match=r"my\.safetensors.*missing.*'decoder\.mid_block\.attentions\.0\.to_q\.weight'"):
+        VAE.from_config(VAEConfig(**TINY, weights=str(tmp_path / "my.safetensors")))
 
 
 def test_weights_of_another_architecture_are_refused_naming_the_file_and_field(tmp_path):
@@ -99,11 +100,12 @@ def test_weights_of_another_architecture_are_refused_naming_the_file_and_field(t
         VAE.from_config(VAEConfig(**TINY, weights=str(path)))
 
 
-def test_load_rejects_a_shape_mismatch_naming_the_key():
-    vae = tiny_vae()
-    other = VAE(**TINY, latent_channels=4)  # same keys, narrower latent convs
-    with pytest.raises(ValueError, match=r"'encoder\.conv_out\.weight' has shape \(8, 16, 3, 3\)"):
-        vae.load_vae_state_dict(other.state_dict())
+def test_load_rejects_a_shape_mismatch_naming_the_key(tmp_path):
+    state = tiny_vae().state_dict()
+    state["decoder.conv_out.bias"] = torch.zeros(4)  # 4 output channels where the model has 3
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'decoder\.conv_out\.bias' has shape \(4,\), the model expects \(3,\)"):
+        VAE.from_config(VAEConfig(**TINY, weights=str(tmp_path / "vae.safetensors")))
 
 
 def test_weights_load_from_a_diffusers_style_folder(tmp_path):
