@@ -134,6 +134,15 @@ def read_lightning_checkpoint(file: Path) -> dict:
     return checkpoint
 
 
+def with_default_mode(path: Path) -> Path:
+    """Give a file or folder made by `tempfile` (0600 / 0700) the mode a plain open or mkdir gives,
+    so an export renamed into place is readable by the user's group as their umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    return path
+
+
 def _staging_path(target: Path) -> Path:
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
@@ -149,7 +158,7 @@ def save_safetensors_atomic(
     staging = _staging_path(file)
     try:
         save_file({key: value.contiguous() for key, value in tensors.items()}, str(staging), metadata=metadata)
-        os.replace(staging, file)
+        os.replace(with_default_mode(staging), file)
     finally:
         staging.unlink(missing_ok=True)
     return file

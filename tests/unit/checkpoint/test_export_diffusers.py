@@ -3,6 +3,8 @@ samples the images our own sampler gives from the training checkpoint. (The CLI 
 tests/integration/test_export_cli.py runs the installed console script.)"""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -36,6 +38,10 @@ def test_folder_layout(exported):
     scheduler = json.loads((exported / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 2.5
     assert not list(exported.parent.glob(".tiny-diffusers*"))  # no staging folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (exported, exported / "transformer" / "diffusion_pytorch_model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~umask, path
 
 
 def test_diffusers_pipeline_samples_what_our_sampler_samples(exported, training_checkpoint):

@@ -1,6 +1,8 @@
 """Weight files: sharded folders, selective reads with dtype, atomic writes."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -40,6 +42,9 @@ def test_atomic_write_leaves_no_temporary_file_and_keeps_metadata(tmp_path):
     save_safetensors_atomic({"a": torch.arange(4.0)}, target, {"sd3train": "{}"})
     assert safetensors_header(target) == (["a"], {"sd3train": "{}"})
     assert [p.name for p in target.parent.iterdir()] == ["w.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # not tempfile's 0600
     with pytest.raises(Exception):
         save_safetensors_atomic({"a": "not a tensor"}, target)
     assert [p.name for p in target.parent.iterdir()] == ["w.safetensors"]  # old file intact, no leftovers
