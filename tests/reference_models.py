@@ -26,6 +26,7 @@ MMDIT_VARIANTS = {
     "sd3.5-medium": ("rms", (0,)),
 }
 MMDIT_DEPTH = 3  # a normal block, a dual-attention candidate and the pre-only last block
+MMDIT_LATENT_SIZES = [(16, 16), (12, 20)]  # patch grids 8x8 and 6x10 (non-square), cropped from a 16x16 table
 # Tiny SD3-like VAE widths (4 levels: downsampling 8, like SD3).
 VAE_SIZES = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=2, norm_num_groups=8)
 SD3_SHIFT_FACTOR, SD3_SCALING_FACTOR = 0.0609, 1.5305
@@ -42,6 +43,18 @@ def perturb(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> torch.nn
         for _, param in sorted(model.named_parameters()):
             param.copy_(torch.randn(param.shape, generator=generator) * std)
     return model
+
+
+def mmdit_inputs(height: int, width: int, batch: int = 2, seed: int = 3):
+    """(latents, t, context, pooled) for `diffusers_transformer`'s default sizes (4 latent channels,
+    7 text tokens 96 wide, pooled 48)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 4, height, width, generator=generator),
+        torch.rand(batch, generator=generator),
+        torch.randn(batch, 7, 96, generator=generator),
+        torch.randn(batch, 48, generator=generator),
+    )
 
 
 def diffusers_transformer(variant: str, *, in_channels: int = 4, context_dim: int = 96, pooled_dim: int = 48,

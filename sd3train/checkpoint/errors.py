@@ -14,6 +14,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is unreadable, of an unknown layout, or that does not fit the model."""
 
 
+def key_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """'N missing key(s), first K; M unexpected key(s), first K' for whichever list is not empty."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+    return "; ".join(parts)
+
+
 def check_state_dict(
     expected: Mapping[str, torch.Tensor],
     found: Mapping[str, torch.Tensor],
@@ -29,12 +39,7 @@ def check_state_dict(
     missing = [key_prefix + key for key in expected if key not in found]
     unexpected = [key_prefix + key for key in found if key not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
-        raise CheckpointError(f"{what} weights in {source} do not match the model: " + "; ".join(parts))
+        raise CheckpointError(f"{what} weights in {source} do not match the model: " + key_mismatch(missing, unexpected))
     for key, tensor in found.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(

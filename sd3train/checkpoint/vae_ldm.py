@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from sd3train.checkpoint.errors import CheckpointError
+from sd3train.checkpoint.errors import CheckpointError, key_mismatch
 
 _RESNET_PARTS = ("norm1", "conv1", "norm2", "conv2")
 _ATTENTION_PARTS = (("norm", "group_norm", False), ("q", "to_q", True), ("k", "to_k", True),
@@ -86,13 +86,9 @@ def _convert(state: dict, pairs, source_is_ldm: bool, direction: str, key_prefix
             tensor = tensor.reshape(tensor.shape[0], tensor.shape[1]) if source_is_ldm else tensor[:, :, None, None]
         out[name_out] = tensor
     if missing or source:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), first {key_prefix + missing[0]!r}")
-        if source:
-            parts.append(f"{len(source)} unexpected key(s), first {key_prefix + next(iter(source))!r}")
         raise CheckpointError(
-            f"{direction}: VAE state dict does not match the AutoencoderKL layout: " + "; ".join(parts)
+            f"{direction}: VAE state dict does not match the AutoencoderKL layout: "
+            + key_mismatch([key_prefix + key for key in missing], [key_prefix + key for key in source])
         )
     return out
 

@@ -5,13 +5,14 @@ import functools
 import pytest
 import torch
 
+from reference_models import MMDIT_LATENT_SIZES as LATENT_SIZES
 from reference_models import MMDIT_VARIANTS, diffusers_transformer, relative_error
+from reference_models import mmdit_inputs as inputs
 from sd3train.checkpoint import load_transformer
 from sd3train.model.mmdit import MMDiT
 
 diffusers = pytest.importorskip("diffusers")
 
-LATENT_SIZES = [(16, 16), (12, 20)]  # patch grids 8x8 and 6x10 (non-square), cropped from a 16x16 table
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,16 +26,6 @@ def saved_reference(variant: str, root: str):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("transformers"))
-
-
-def inputs(height, width, batch=2, seed=3):
-    generator = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(batch, 4, height, width, generator=generator),
-        torch.rand(batch, generator=generator),
-        torch.randn(batch, 7, 96, generator=generator),
-        torch.randn(batch, 48, generator=generator),
-    )
 
 
 @pytest.mark.parametrize("height,width", LATENT_SIZES)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from reference_models import perturb
 from sd3train.config.schema import ModelConfig
 from sd3train.model.embeddings import sincos_2d_table
 from sd3train.model.mmdit import MMDiT
@@ -16,15 +17,6 @@ TINY = dict(depth=2, hidden_size=64, num_heads=2, in_channels=4, context_dim=96,
 def tiny_model(**overrides) -> MMDiT:
     torch.manual_seed(0)
     return MMDiT(**{**TINY, **overrides})
-
-
-def perturb(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> torch.nn.Module:
-    """Overwrite every parameter (zero-inits included) with small normals, so all paths carry signal."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model
 
 
 def inputs(batch=2, height=16, width=16, channels=4, seed=2):

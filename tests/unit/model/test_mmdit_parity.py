@@ -7,14 +7,15 @@ import torch
 
 from reference_models import MMDIT_DEPTH as DEPTH
 from reference_models import MMDIT_VARIANTS as CONFIGS
+from reference_models import MMDIT_LATENT_SIZES as LATENT_SIZES
 from reference_models import diffusers_transformer, perturb, relative_error
+from reference_models import mmdit_inputs as inputs
 from sd3train.checkpoint.mmdit_diffusers import OFFICIAL_PREFIX, diffusers_to_official, official_to_diffusers
 from sd3train.model.embeddings import sincos_2d_table, timestep_frequencies
 from sd3train.model.mmdit import MMDiT
 
 diffusers = pytest.importorskip("diffusers")
 
-LATENT_SIZES = [(16, 16), (12, 20)]  # patch grids 8x8 and 6x10 (non-square) cropped from a 16x16 table
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,16 +27,6 @@ def our_model(name: str) -> MMDiT:
     qk_norm, dual = CONFIGS[name]
     return MMDiT(depth=DEPTH, hidden_size=64, num_heads=2, in_channels=4, context_dim=96, pooled_dim=48,
                  pos_embed_max_size=16, sample_size=16, qk_norm=qk_norm, dual_attention_layers=dual).eval()
-
-
-def inputs(height, width, batch=2, seed=3):
-    generator = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(batch, 4, height, width, generator=generator),
-        torch.rand(batch, generator=generator),
-        torch.randn(batch, 7, 96, generator=generator),
-        torch.randn(batch, 48, generator=generator),
-    )
 
 
 @pytest.mark.parametrize("height,width", LATENT_SIZES)
