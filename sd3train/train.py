@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sd3train.config.schema import TrainConfig
+from sd3train.config.overrides import normalise_overrides
 from sd3train.config.typed import ConfigError, to_plain
 from sd3train.config.validate import load_config
 
@@ -41,14 +42,15 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> str | None:
     return str(last) if last.is_file() else None
 
 
-def fit(cfg: TrainConfig) -> None:
+def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
+    """Train as `cfg` says; `extra_callbacks` (Lightning callbacks) join the built-in ones."""
     os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
     # Heavy imports only after the config is known to be good.
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from sd3train.data.datamodule import ShardDataModule
-    from sd3train.lit.callbacks import PreviewAndEvaluate, StepProgressBar, Throughput
+    from sd3train.lit.callbacks import DataMetrics, PreviewAndEvaluate, StepProgressBar
     from sd3train.lit.loggers import build_loggers
     from sd3train.lit.module import SD3LitModule
 
@@ -59,11 +61,13 @@ def fit(cfg: TrainConfig) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
-    module = SD3LitModule(cfg)
+    # Shards are checked before the models are built: a wrong path fails in seconds.
     data = ShardDataModule(cfg.data, seed=cfg.trainer.seed)
+    data.setup()
+    module = SD3LitModule(cfg)
     trainer_cfg = cfg.trainer
     callbacks = [
-        Throughput(cfg.data.batch_size),
+        DataMetrics(trainer_cfg.log_every_n_steps),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
             every_n_train_steps=trainer_cfg.checkpoint_every_n_steps, save_top_k=-1, save_last=True,
@@ -74,6 +78,7 @@ def fit(cfg: TrainConfig) -> None:
     ]
     if trainer_cfg.progress_bar:
         callbacks.append(StepProgressBar(refresh_rate=max(1, trainer_cfg.log_every_n_steps // 2)))
+    callbacks.extend(extra_callbacks)
     has_val = cfg.data.val_shards is not None and cfg.data.val_batches > 0
     trainer = L.Trainer(
         max_steps=trainer_cfg.max_steps,
@@ -106,6 +111,7 @@ def _hydra_main(raw: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv[1:] = normalise_overrides(sys.argv[1:])
     _hydra_main()
 
 

@@ -16,7 +16,7 @@ def tiny_config(shapes: Path, runs_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         raw = compose(config_name="config", overrides=[
             "experiment=tiny_cpu",
-            f"data.train_shards='{shapes}/train-{{000000..000003}}.tar'",
+            f"data.shards='{shapes}/train-{{000000..000003}}.tar'",
             f"data.val_shards='{shapes}/val-000000.tar'",
             f"paths.runs_dir={runs_dir}",
             "data.num_workers=0",

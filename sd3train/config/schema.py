@@ -149,16 +149,59 @@ class DiffusionConfig:
 
 
 @dataclass
+class ShardSourceConfig:
+    """One shard set of a weighted mix (`data.sources`)."""
+
+    shards: str  # like data.shards: brace ranges, '::'-separated lists, pipe: urls
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    train_shards: str = "data/shapes/train-{000000..000007}.tar"
+    """Where training samples come from and how they become batches (sd3train/data/)."""
+
+    # Local paths (relative ones from the repo root), brace ranges ('out/{00000..00009}.tar'),
+    # '::'-separated lists, and webdataset 'pipe:' urls ('pipe:aws s3 cp s3://bucket/a.tar -').
+    shards: str = "data/shapes/train-{000000..000007}.tar"
+    # A weighted mix of shard sets; when set it replaces `shards` and shards are drawn with
+    # replacement by weight (every epoch is `shards_per_epoch` draws per worker).
+    sources: list[ShardSourceConfig] = field(default_factory=list)
     val_shards: Optional[str] = "data/shapes/val-000000.tar"
+    # Target side: square images of this side, or aspect buckets of about this side^2 pixels.
     resolution: int = 64
+    aspect_buckets: bool = False
+    bucket_step: int = 16  # bucket sides are multiples of this
+    max_aspect_ratio: float = 2.0  # widest bucket: long side / short side
+    random_crop: bool = False  # else the centre crop
+    random_flip: bool = False
+    min_size: int = 0  # images whose shorter side is below this many pixels are skipped
     batch_size: int = 32
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    # Draw shards with replacement (an endless stream cut into epochs of `shards_per_epoch` shards
+    # per worker) instead of exact passes over the shard list.
+    resampled: bool = False
+    shards_per_epoch: Optional[int] = None  # None: the worker's share of one pass
+    # Each worker's last batch of a bucket in an epoch is smaller; drop it instead of training on it.
+    drop_partial_batches: bool = False
     image_key: str = "jpg;jpeg;png;webp"
     caption_key: str = "txt"
+    # Where the synthetic caption is: a sidecar extension ("syn.txt") or a JSON field ("json:syn_caption").
+    # None: every sample uses its original caption.
+    synthetic_caption_key: Optional[str] = None
+    p_synthetic: float = 0.5  # chance of the synthetic caption, drawn from (seed, key, epoch)
+    # The run stops when more than this fraction of the samples read is skipped as bad (blocklisted
+    # keys do not count); checked once `skip_budget_min_samples` samples were read, and at each epoch end.
+    skip_budget: float = 0.05
+    skip_budget_min_samples: int = 1000
+    # A text file of sample keys to leave out, one per line (written by the deduplication tool).
+    blocklist: Optional[str] = None
+    # Resuming with another world size or worker count: refuse (false), or start the next epoch
+    # with the new split (true; exactness is lost, statistics are not).
+    resume_resplit: bool = False
     val_batches: int = 2
+    # The shards are precompute cache shards (sd3train-precompute): latents and text embeddings.
+    cached: bool = False
     # Keep each sample's VAE posterior in memory after its first visit (small datasets, many epochs).
     cache_latents: bool = False
     latent_cache_max_samples: int = 100_000

@@ -10,6 +10,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sd3train.config.schema import SamplerConfig, TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
+from sd3train.config.validate_data import data_problems
+from sd3train.data.cache_info import training_cache_problems
 from sd3train.paths import resolve_repo_path
 from sd3train.runtime.lr_schedule import SCHEDULES
 
@@ -145,6 +147,7 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
     if diffusion.sampler.num_steps < 1:
         problems.append(f"diffusion.sampler.num_steps: must be >= 1, got {diffusion.sampler.num_steps}")
     problems.extend(skip_layer_problems(diffusion.sampler, model.depth, "diffusion.sampler."))
+    problems.extend(data_problems(cfg, multiple))
     if data.batch_size < 1:
         problems.append(f"data.batch_size: must be >= 1, got {data.batch_size}")
     if data.num_workers < 0:
@@ -172,6 +175,7 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
     if cfg.logger.wandb_mode not in WANDB_MODES:
         problems.append(f"logger.wandb_mode: {cfg.logger.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}")
     problems.extend(missing_weight_paths(cfg))
+    problems.extend(training_cache_problems(cfg))
     if cfg.eval.num_colour_prompts < 0:
         problems.append(f"eval.num_colour_prompts: must be >= 0, got {cfg.eval.num_colour_prompts}")
     return problems

@@ -1,261 +1,89 @@
-"""Streaming webdataset shards into training and validation batches.
+"""Streaming webdataset shards into training and validation batches, with sample-exact resume.
 
     from sd3train.config.schema import DataConfig
     from sd3train.data.datamodule import ShardDataModule
     datamodule = ShardDataModule(DataConfig(), seed=0)   # needs `python -m sd3train.tools.make_shapes --out data/shapes`
-    batch = next(iter(datamodule.train_dataloader()))    # {"images": (B, 3, R, R) in [-1, 1], "captions": [...], "keys": [...], "urls": [...]}
+    batch = next(iter(datamodule.train_dataloader()))
+    # {"images": (B, 3, h, w) in [-1, 1], "captions", "keys", "urls", "original_sizes" (B, 2),
+    #  "crop_offsets" (B, 2), "synthetic_captions", "flipped"}  (cached shards: see cache_format.py)
 
-Every random choice comes from a named generator with a seed derived from the run seed:
-- shard order of epoch e: `("shards", seed, e)`, the same on every rank; rank r takes every
-  world_size-th shard of it, and DataLoader worker w every num_workers-th shard of that;
-- in-shard shuffle buffer: `("samples", seed, e, r, w)`.
-So the stream is a pure function of (seed, epoch, world_size, num_workers, batch_size, shards).
+How each worker's stream is made is in `sd3train/data/stream.py`; which shards it reads in
+`sources.py`; the DataLoader side in `loaders.py`. The training stream is infinite (training is
+step-based).
 
-The training stream is infinite (training is step-based): each epoch is one pass over the shards
-(each worker drops its last partial batch), then the next epoch starts with a new shard order.
-DataLoader workers persist across epochs; a worker streams epoch `first_epoch + k` on its k-th
-`iter()` (torch re-iterates persistent workers once per `iter(loader)`), and every batch carries its
-epoch, which the main process checks against its own counter before handing the batch on.
+State: what was *consumed* (a batch counts when Lightning hands it to the step, through
+`on_before_batch_transfer`, not when the loader prefetched it), per rank: the epoch, per worker
+the batches consumed in it and the keys that failed to decode, the worker whose batch came last,
+and the running counts. `state_dict()` gathers every rank's part (it is called on all ranks when
+Lightning checkpoints); `load_state_dict` keeps this rank's, and `train_dataloader()` resumes each
+worker exactly where its consumed batches end. A different world size, worker count or stream
+setting is refused, naming what changed, unless `data.resume_resplit=true`.
 """
 
 from __future__ import annotations
 
 import os
-import random
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional
+from collections import Counter
+from typing import Any, Optional
 
-import braceexpand
 import lightning
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from torch.utils.data import DataLoader
 
 from sd3train.config.schema import DataConfig
-from sd3train.data.transforms import decode_caption, image_bytes_to_tensor, parse_extensions
-from sd3train.paths import REPO_ROOT
-from sd3train.runtime.rng import derive_seed
+from sd3train.data.buckets import make_buckets, square_bucket
+from sd3train.data.captions import CaptionField
+from sd3train.data.decoders import ImageDecoder, parse_extensions
+from sd3train.data.loaders import TrainBatches, TrainShardStream, ValShardStream
+from sd3train.data.skips import REASONS, load_blocklist
+from sd3train.data.sources import ShardPlan, Source, missing_local_shards, resolve_shard_urls
+from sd3train.data.stream import DATA_KEY, Replay, StreamSpec
+from sd3train.paths import REPO_ROOT, resolve_repo_path
 
-STATE_VERSION = 1
+__all__ = ["REPO_ROOT", "ShardDataModule", "resolve_shard_urls", "build_decoder", "build_plan"]
 
-
-def _is_url(spec: str) -> bool:
-    return "://" in spec or spec.startswith("pipe:")
-
-
-def resolve_shard_urls(spec: str, root: Path = REPO_ROOT) -> list[str]:
-    """Expand `"a-{000000..000007}.tar::b.tar"` into a list; relative local paths are taken from `root`.
-
-    URLs (`scheme://...`, `pipe:...`) and absolute paths are kept as they are.
-    """
-    urls = []
-    for pattern in spec.split("::"):
-        for expanded in braceexpand.braceexpand(pattern.strip()):
-            if _is_url(expanded):
-                urls.append(expanded)
-            else:
-                path = Path(expanded).expanduser()
-                urls.append(str(path if path.is_absolute() else root / path))
-    if not urls:
-        raise ValueError(f"shard spec {spec!r} names no shard")
-    return urls
+STATE_VERSION = 2
+# Settings the stream is a function of: resuming under other values would not continue it.
+STREAM_FIELDS = (
+    "shards", "sources", "resolution", "aspect_buckets", "bucket_step", "max_aspect_ratio", "random_crop",
+    "random_flip", "min_size", "batch_size", "num_workers", "shuffle_buffer", "resampled", "shards_per_epoch",
+    "drop_partial_batches", "image_key", "caption_key", "synthetic_caption_key", "p_synthetic", "blocklist", "cached",
+)
 
 
-def epoch_shards(
-    urls: list[str], seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int
-) -> list[str]:
-    """The shards worker `worker` of rank `rank` reads in `epoch`, in reading order."""
-    order = list(urls)
-    random.Random(derive_seed("shards", seed, epoch)).shuffle(order)
-    return order[rank::world_size][worker::num_workers]
+def bucket_list(cfg: DataConfig) -> list:
+    if cfg.aspect_buckets:
+        return make_buckets(cfg.resolution * cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
+    return square_bucket(cfg.resolution)
 
 
-def buffered_shuffle(samples: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
-    """Shuffle a stream through a buffer of `buffer_size` items (<= 1: pass through)."""
-    if buffer_size <= 1:
-        yield from samples
-        return
-    buffer: list[Any] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        slot = rng.randrange(buffer_size)
-        yield buffer[slot]
-        buffer[slot] = sample
-    rng.shuffle(buffer)
-    yield from buffer
+def build_decoder(cfg: DataConfig, seed: int, train: bool = True):
+    """The sample decoder for `cfg`; validation (`train=False`) has no random crop, flip or synthetic captions."""
+    if cfg.cached:
+        from sd3train.data.cache_format import CachedDecoder  # imports safetensors only when used
+
+        return CachedDecoder(
+            synthetic=cfg.synthetic_caption_key is not None and train, p_synthetic=cfg.p_synthetic, seed=seed
+        )
+    return ImageDecoder(
+        buckets=tuple(bucket_list(cfg)),
+        image_extensions=tuple(parse_extensions(cfg.image_key)),
+        caption=CaptionField.parse(cfg.caption_key),
+        synthetic=CaptionField.parse(cfg.synthetic_caption_key) if cfg.synthetic_caption_key and train else None,
+        p_synthetic=cfg.p_synthetic,
+        seed=seed,
+        min_size=cfg.min_size,
+        random_crop=cfg.random_crop and train,
+        random_flip=cfg.random_flip and train,
+    )
 
 
-@dataclass(frozen=True)
-class SampleDecoder:
-    """Raw webdataset sample (dict of bytes) -> (key, image (3, R, R) in [-1, 1], caption, shard url)."""
-
-    resolution: int
-    image_extensions: tuple[str, ...]
-    caption_key: str
-
-    def __call__(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor, str, str]:
-        key = sample["__key__"]
-        extension = next((ext for ext in self.image_extensions if ext in sample), None)
-        if extension is None:
-            raise KeyError(
-                f"sample {key!r} in {sample.get('__url__')} has no image with extension in "
-                f"{list(self.image_extensions)} (it has {sorted(k for k in sample if not k.startswith('__'))})"
-            )
-        if self.caption_key not in sample:
-            raise KeyError(f"sample {key!r} in {sample.get('__url__')} has no caption {self.caption_key!r}")
-        image = image_bytes_to_tensor(sample[extension], self.resolution)
-        return key, image, decode_caption(sample[self.caption_key]), str(sample.get("__url__", ""))
-
-
-def collate(decoded: list[tuple[str, torch.Tensor, str, str]]) -> dict[str, Any]:
-    return {
-        "images": torch.stack([image for _, image, _, _ in decoded]),  # (B, 3, R, R)
-        "captions": [caption for _, _, caption, _ in decoded],
-        "keys": [key for key, _, _, _ in decoded],
-        # Keys are only unique within a dataset; (url, key) names a sample anywhere.
-        "urls": [url for _, _, _, url in decoded],
-    }
-
-
-def _open_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    return tarfile_samples({"url": url} for url in urls)
-
-
-class TrainShardStream(IterableDataset):
-    """One rank's training batches; each `iter()` streams the next epoch (see the module docstring).
-
-    Batches are dicts {"images", "captions", "keys", "urls", "epoch"}; `TrainBatches` removes "epoch".
-    """
-
-    def __init__(
-        self,
-        urls: list[str],
-        decoder: SampleDecoder,
-        batch_size: int,
-        shuffle_buffer: int,
-        seed: int,
-        first_epoch: int,
-        rank: int,
-        world_size: int,
-    ):
-        super().__init__()
-        self.urls = urls
-        self.decoder = decoder
-        self.batch_size = batch_size
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.first_epoch = first_epoch
-        self.rank = rank
-        self.world_size = world_size
-        self.iterations = 0  # on this copy: in a worker, the worker's own count
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = self.first_epoch + self.iterations
-        self.iterations += 1
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        shards = epoch_shards(self.urls, self.seed, epoch, self.rank, self.world_size, worker, num_workers)
-        rng = random.Random(derive_seed("samples", self.seed, epoch, self.rank, worker))
-        pending = []
-        for sample in buffered_shuffle(_open_samples(shards), self.shuffle_buffer, rng):
-            pending.append(self.decoder(sample))
-            if len(pending) == self.batch_size:
-                yield {**collate(pending), "epoch": epoch}
-                pending = []
-        # partial=False: the last partial batch of this worker's epoch is dropped.
-
-
-class ValShardStream(IterableDataset):
-    """Validation batches: shards in the given order, no shuffle, at most `max_batches` (last may be partial)."""
-
-    def __init__(self, urls: list[str], decoder: SampleDecoder, batch_size: int, max_batches: int):
-        super().__init__()
-        self.urls = urls
-        self.decoder = decoder
-        self.batch_size = batch_size
-        self.max_batches = max_batches
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        produced = 0
-        pending = []
-        if self.max_batches <= 0:
-            return
-        for sample in _open_samples(self.urls):
-            pending.append(self.decoder(sample))
-            if len(pending) == self.batch_size:
-                yield collate(pending)
-                produced += 1
-                pending = []
-                if produced == self.max_batches:
-                    return
-        if pending:
-            yield collate(pending)
-
-
-class TrainBatches:
-    """The infinite training iterable `ShardDataModule.train_dataloader()` returns.
-
-    Owns a DataLoader with persistent workers; iterates it once per epoch and keeps the
-    datamodule's counters (epoch, batches in epoch, batches consumed) in step with the batches it
-    hands out. Batches are counted when handed out: Lightning fetches one batch ahead, so at a
-    checkpoint the count can exceed the optimizer steps by one.
-    """
-
-    def __init__(self, datamodule: "ShardDataModule", make_dataset: Callable[[int], TrainShardStream]):
-        self._datamodule = datamodule
-        self._make_dataset = make_dataset
-        self._loader: Optional[DataLoader] = None
-        self._loader_first_epoch = 0
-        self._loader_iterations = 0
-
-    def _loader_for(self, epoch: int) -> DataLoader:
-        # The workers' epoch is first_epoch + (number of iter(loader) so far): rebuild if that
-        # would not be `epoch` (first use, or the datamodule's state was loaded since).
-        if self._loader is None or self._loader_first_epoch + self._loader_iterations != epoch:
-            num_workers = self._datamodule.cfg.num_workers
-            self._loader = DataLoader(
-                self._make_dataset(epoch),
-                batch_size=None,  # batched inside the dataset
-                num_workers=num_workers,
-                persistent_workers=num_workers > 0,
-                pin_memory=torch.cuda.is_available(),
-            )
-            self._loader_first_epoch = epoch
-            self._loader_iterations = 0
-        self._loader_iterations += 1
-        return self._loader
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        counters = self._datamodule
-        if counters.batches_in_epoch > 0:
-            # An epoch left part-way (a previous iterator was dropped, or state was loaded from
-            # mid-epoch): start the next one rather than replay this one from its beginning.
-            counters.epoch += 1
-            counters.batches_in_epoch = 0
-        while True:
-            epoch = counters.epoch
-            for batch in self._loader_for(epoch):
-                batch_epoch = batch.pop("epoch")
-                if batch_epoch != epoch:
-                    raise RuntimeError(
-                        f"data worker streamed epoch {batch_epoch} while the datamodule is at epoch {epoch}: "
-                        "DataLoader workers did not re-iterate once per epoch"
-                    )
-                counters.batches_in_epoch += 1
-                counters.batches_consumed += 1
-                yield batch
-            if counters.batches_in_epoch == 0:
-                raise RuntimeError(
-                    f"epoch {epoch} gave no full batch of {counters.cfg.batch_size} on rank {counters.rank}: "
-                    f"too few samples for {counters.world_size} rank(s) x {max(1, counters.cfg.num_workers)} "
-                    f"worker(s) in {counters.cfg.train_shards!r}"
-                )
-            counters.epoch += 1
-            counters.batches_in_epoch = 0
+def build_plan(cfg: DataConfig, seed: int) -> ShardPlan:
+    if cfg.sources:
+        sources = [Source(tuple(resolve_shard_urls(s.shards)), s.weight) for s in cfg.sources]
+    else:
+        sources = [Source(tuple(resolve_shard_urls(cfg.shards)))]
+    return ShardPlan(sources, seed, cfg.resampled, cfg.shards_per_epoch)
 
 
 def _rank_and_world_size(trainer: Any) -> tuple[int, int]:
@@ -267,18 +95,7 @@ def _rank_and_world_size(trainer: Any) -> tuple[int, int]:
 
 
 class ShardDataModule(lightning.LightningDataModule):
-    """Training and validation batches from webdataset shards, as `DataConfig` describes.
-
-    Batches: {"images": float32 (B, 3, R, R) in [-1, 1], "captions": list[str], "keys": list[str],
-    "urls": list[str] (the shard each sample came from)}.
-
-    State (`state_dict`): epoch, batches consumed in it and in total, plus what fixes the stream
-    (seed, batch size, workers, world size, shards). Loading it today resumes at the start of the
-    next epoch when the saved one was part-way (no exact resume yet). Exact resume can be added
-    without changing the format: the stream is a pure function of the recorded values, so each
-    worker can skip its share of `batches_in_epoch` (DataLoader hands out batches round-robin over
-    workers) before yielding, refusing a state whose topology differs.
-    """
+    """Training and validation batches from webdataset shards, as `DataConfig` describes."""
 
     def __init__(self, cfg: DataConfig, seed: int):
         super().__init__()
@@ -291,6 +108,8 @@ class ShardDataModule(lightning.LightningDataModule):
                 ("shuffle_buffer", ">= 0", cfg.shuffle_buffer >= 0),
                 ("val_batches", ">= 0", cfg.val_batches >= 0),
                 ("latent_cache_max_samples", "> 0", cfg.latent_cache_max_samples > 0),
+                ("p_synthetic", "in [0, 1]", 0.0 <= cfg.p_synthetic <= 1.0),
+                ("skip_budget", "in [0, 1]", 0.0 <= cfg.skip_budget <= 1.0),
             )
             if not ok
         ]
@@ -298,17 +117,100 @@ class ShardDataModule(lightning.LightningDataModule):
             raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
         self.cfg = cfg
         self.seed = int(seed)
-        self.decoder = SampleDecoder(cfg.resolution, tuple(parse_extensions(cfg.image_key)), cfg.caption_key)
-        self.train_urls = resolve_shard_urls(cfg.train_shards)
+        self.plan = build_plan(cfg, self.seed)
+        self.decoder = build_decoder(cfg, self.seed, train=True)
+        self.val_decoder = build_decoder(cfg, self.seed, train=False)
         self.val_urls = resolve_shard_urls(cfg.val_shards) if cfg.val_shards else []
-        self.epoch = 0
-        self.batches_in_epoch = 0
-        self.batches_consumed = 0
         self.rank, self.world_size = 0, 1
+        self._reset_position(epoch=0)
+        self.batches_consumed = 0
+        self.samples_consumed = 0
+        self.samples_read = 0
+        self.skipped: Counter[str] = Counter()
+        self._tails: dict[tuple[int, int], dict[str, Any]] = {}  # see record_tail
+        self._loaded: Optional[dict[str, Any]] = None  # a loaded state, applied in train_dataloader
+        self._resume_epoch: Optional[int] = None
+        self.train_batches: Optional[TrainBatches] = None
 
-    @staticmethod
-    def _check_local(urls: list[str], what: str) -> None:
-        missing = [url for url in urls if not _is_url(url) and not Path(url).is_file()]
+    # ----------------------------------------------------------------- position
+    def _reset_position(self, epoch: int) -> None:
+        self.epoch = epoch
+        workers = max(1, self.cfg.num_workers)
+        self.consumed_in_epoch = [0] * workers
+        self.failed_keys: list[list[str]] = [[] for _ in range(workers)]
+        self.last_worker: Optional[int] = None
+
+    @property
+    def batches_in_epoch(self) -> int:
+        return sum(self.consumed_in_epoch)
+
+    @property
+    def shard_spec(self) -> str:
+        return " + ".join(f"{s.shards} (weight {s.weight})" for s in self.cfg.sources) if self.cfg.sources else self.cfg.shards
+
+    def _count(self, cursor: dict[str, Any]) -> None:
+        self.samples_read += cursor["read"]
+        self.skipped.update(cursor["skipped"])
+
+    def consume(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Record that `batch` reaches training; returns it without its bookkeeping."""
+        cursor = batch.pop(DATA_KEY, None)
+        if cursor is None:
+            return batch
+        if cursor["epoch"] != self.epoch:
+            for tail in self._tails.values():  # the old epoch's last counts, had they not been applied
+                self._count(tail)
+            self._tails = {}
+            self._reset_position(cursor["epoch"])
+        worker = cursor["worker"]
+        self.consumed_in_epoch[worker] = cursor["index"]
+        self.failed_keys[worker].extend(cursor["failed_keys"])
+        self.last_worker = worker
+        self.batches_consumed += 1
+        self.samples_consumed += len(batch["keys"])
+        self._count(cursor)
+        tail = self._tails.get((cursor["epoch"], worker))
+        if tail is not None and tail["index"] == cursor["index"]:
+            self._count(self._tails.pop((cursor["epoch"], worker)))
+        return batch
+
+    def record_tail(self, cursor: dict[str, Any]) -> None:
+        """A worker's counts after its last batch of an epoch: applied once that batch is consumed.
+
+        Not saved in checkpoints: a resumed worker reads those samples again and sends them again.
+        """
+        worker = cursor["worker"]
+        consumed = self.consumed_in_epoch[worker] if cursor["epoch"] == self.epoch else 0
+        if cursor["index"] == 0 or (cursor["epoch"] == self.epoch and consumed >= cursor["index"]):
+            self._count(cursor)
+        else:
+            self._tails[(cursor["epoch"], worker)] = cursor
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.consume(batch) if isinstance(batch, dict) else batch
+
+    def resume_point(self) -> tuple[int, dict[int, Replay]]:
+        """The epoch to stream next and, for a part-way epoch, where each worker picks up."""
+        if not any(self.consumed_in_epoch):
+            return self.epoch, {}
+        self._resume_epoch = self.epoch
+        replays = {
+            worker: Replay(
+                skip_batches=self.consumed_in_epoch[worker],
+                failed_keys=frozenset(self.failed_keys[worker]),
+                # Workers up to the last one served have had their turn in this round-robin cycle.
+                placeholder=self.last_worker is not None and worker <= self.last_worker,
+            )
+            for worker in range(len(self.consumed_in_epoch))
+        }
+        return self.epoch, replays
+
+    def resumed_mid_epoch(self, epoch: int) -> bool:
+        return self._resume_epoch == epoch
+
+    # -------------------------------------------------------------- dataloaders
+    def _check_local(self, urls: list[str], what: str) -> None:
+        missing = missing_local_shards(urls)
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(urls)} {what} shard(s) missing, first {missing[0]}; the shapes "
@@ -316,31 +218,38 @@ class ShardDataModule(lightning.LightningDataModule):
             )
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self._check_local(self.train_urls, "train")
+        for source in self.plan.sources:
+            self._check_local(list(source.urls), "train")
         self._check_local(self.val_urls, "val")
 
     def train_dataloader(self) -> TrainBatches:
-        self._check_local(self.train_urls, "train")
+        self.setup()
         self.rank, self.world_size = _rank_and_world_size(self.trainer)
-        if len(self.train_urls) < self.world_size:
+        if not self.plan.resampled and self.plan.num_shards < self.world_size:
             raise ValueError(
-                f"{len(self.train_urls)} train shard(s) cannot feed {self.world_size} ranks: "
-                "every rank needs at least one shard"
+                f"{self.plan.num_shards} train shard(s) cannot feed {self.world_size} ranks: "
+                "every rank needs at least one shard (or set data.resampled=true)"
             )
+        if self._loaded is not None:
+            self._apply_loaded(self._loaded)
+            self._loaded = None
+        blocklist = load_blocklist(resolve_repo_path(self.cfg.blocklist)) if self.cfg.blocklist else frozenset()
+        spec = StreamSpec(
+            plan=self.plan, decoder=self.decoder, batch_size=self.cfg.batch_size,
+            shuffle_buffer=self.cfg.shuffle_buffer, seed=self.seed, blocklist=blocklist,
+            drop_partial=self.cfg.drop_partial_batches, skip_budget=self.cfg.skip_budget,
+            skip_budget_min_samples=self.cfg.skip_budget_min_samples,
+        )
 
-        def make_dataset(first_epoch: int) -> TrainShardStream:
-            return TrainShardStream(
-                self.train_urls,
-                self.decoder,
-                self.cfg.batch_size,
-                self.cfg.shuffle_buffer,
-                self.seed,
-                first_epoch,
-                self.rank,
-                self.world_size,
-            )
+        def make_dataset(first_epoch: int, replays: dict[int, Replay]) -> TrainShardStream:
+            return TrainShardStream(spec, first_epoch, self.rank, self.world_size, replays)
 
-        return TrainBatches(self, make_dataset)
+        self.train_batches = TrainBatches(self, make_dataset)
+        return self.train_batches
+
+    def teardown(self, stage: Optional[str] = None) -> None:
+        if self.train_batches is not None:
+            self.train_batches.shutdown()
 
     def val_dataloader(self) -> DataLoader | list:
         """Fixed-order batches, the same on every rank; `[]` (no validation) without val shards."""
@@ -349,22 +258,35 @@ class ShardDataModule(lightning.LightningDataModule):
         self._check_local(self.val_urls, "val")
         # In the main process: a couple of batches, and the order must not depend on workers.
         return DataLoader(
-            ValShardStream(self.val_urls, self.decoder, self.cfg.batch_size, self.cfg.val_batches),
+            ValShardStream(self.val_urls, self.val_decoder, self.cfg.batch_size, self.cfg.val_batches),
             batch_size=None,
             num_workers=0,
         )
 
+    # -------------------------------------------------------------------- state
+    def _rank_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "consumed_in_epoch": list(self.consumed_in_epoch),
+            "failed_keys": [list(keys) for keys in self.failed_keys],
+            "last_worker": self.last_worker,
+            "batches_consumed": self.batches_consumed,
+            "samples_consumed": self.samples_consumed,
+            "samples_read": self.samples_read,
+            "skipped": dict(self.skipped),
+        }
+
     def state_dict(self) -> dict[str, Any]:
+        ranks = [self._rank_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, self._rank_state())
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
-            "epoch": self.epoch,
-            "batches_in_epoch": self.batches_in_epoch,
-            "batches_consumed": self.batches_consumed,
-            "batch_size": self.cfg.batch_size,
-            "num_workers": self.cfg.num_workers,
-            "world_size": self.world_size,
-            "train_shards": self.cfg.train_shards,
+            "world_size": len(ranks),
+            "stream": {name: _plain(getattr(self.cfg, name)) for name in STREAM_FIELDS},
+            "ranks": ranks,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -373,9 +295,63 @@ class ShardDataModule(lightning.LightningDataModule):
                 f"data state version {state_dict.get('version')!r} is not {STATE_VERSION}: "
                 "the checkpoint comes from another sd3train data format"
             )
-        missing = [key for key in ("epoch", "batches_in_epoch", "batches_consumed") if key not in state_dict]
+        missing = [key for key in ("seed", "world_size", "stream", "ranks") if key not in state_dict]
         if missing:
             raise KeyError(f"data state lacks {missing}")
-        self.epoch = int(state_dict["epoch"])
-        self.batches_in_epoch = int(state_dict["batches_in_epoch"])
-        self.batches_consumed = int(state_dict["batches_consumed"])
+        self._loaded = state_dict
+        # Without a trainer (tools, tests) the rank is known now; under one, at train_dataloader().
+        if self.trainer is None:
+            self.rank, self.world_size = _rank_and_world_size(None)
+            self._apply_loaded(state_dict)
+            self._loaded = None
+
+    def _apply_loaded(self, state: dict[str, Any]) -> None:
+        changes = []
+        if state["seed"] != self.seed:
+            changes.append(f"trainer.seed: checkpoint {state['seed']}, now {self.seed}")
+        if state["world_size"] != self.world_size:
+            changes.append(f"world size: checkpoint {state['world_size']} rank(s), now {self.world_size}")
+        for name, saved in state["stream"].items():
+            if name in STREAM_FIELDS and saved != _plain(getattr(self.cfg, name)):
+                changes.append(f"data.{name}: checkpoint {saved!r}, now {_plain(getattr(self.cfg, name))!r}")
+        ranks = state["ranks"]
+        mine = ranks[self.rank] if self.rank < len(ranks) else ranks[0]
+        if changes:
+            if not self.cfg.resume_resplit:
+                raise ValueError(
+                    "cannot resume the data stream exactly; the checkpoint's stream differs:\n  "
+                    + "\n  ".join(changes)
+                    + "\nResume with the same settings, or set data.resume_resplit=true to start the next "
+                    "epoch split over the new topology (no sample-exact continuation)."
+                )
+            # Statistical re-split: every rank starts the epoch after the newest one any rank reached.
+            self._reset_position(max(rank["epoch"] for rank in ranks) + 1)
+        else:
+            self._reset_position(mine["epoch"])
+            self.consumed_in_epoch = list(mine["consumed_in_epoch"])
+            self.failed_keys = [list(keys) for keys in mine["failed_keys"]]
+            self.last_worker = mine["last_worker"]
+        self.batches_consumed = int(mine["batches_consumed"])
+        self.samples_consumed = int(mine["samples_consumed"])
+        self.samples_read = int(mine["samples_read"])
+        self.skipped = Counter(mine["skipped"])
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self) -> dict[str, float]:
+        """This rank's data counters for logging: data/skipped_<reason>, data/skipped_fraction, ..."""
+        metrics = {f"data/skipped_{reason}": float(self.skipped.get(reason, 0)) for reason in REASONS}
+        metrics["data/samples_read"] = float(self.samples_read)
+        metrics["data/skipped_fraction"] = sum(self.skipped.values()) / max(1, self.samples_read)
+        metrics["data/epoch"] = float(self.epoch)
+        return metrics
+
+
+def _plain(value: Any) -> Any:
+    """Config values as plain JSON-like data (dataclasses in lists become dicts)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value

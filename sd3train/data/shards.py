@@ -1,7 +1,8 @@
 """Writing webdataset shards in the img2dataset layout, with a manifest.
 
 Each sample becomes `<key>.png|jpg`, `<key>.txt` and optionally `<key>.json` inside
-`{prefix}-{000000..}.tar`. Every tar is written under a temporary name and renamed once complete,
+`{prefix}-{000000..}.tar`; a sample may also carry extra sidecar members (`<key>.syn.txt`, ...) and
+already-encoded image bytes under their own extension (`EncodedImage`: jpg, jpeg, png, webp). Every tar is written under a temporary name and renamed once complete,
 so a reader (or a re-run after a crash) never sees half a shard. Tar headers carry fixed
 mtime/uid/gid/names, so the same samples give byte-identical shards on every machine.
 
@@ -16,9 +17,10 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 from PIL import Image
 
@@ -32,7 +34,51 @@ TAR_MODE = 0o444
 PNG_COMPRESS_LEVEL = 6
 JPEG_QUALITY = 95
 
-Sample = tuple[str, Union[Image.Image, bytes], str, Optional[dict]]
+# Extensions an already-encoded image may keep inside the tar (webdataset decodes all of them).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Member extensions a sidecar may not take: the caption, the metadata and any image extension, so a
+# reader never sees two captions or two images for one key.
+RESERVED_EXTENSIONS = frozenset(("txt", "json", *IMAGE_EXTENSIONS))
+# Dot-separated parts of letters, digits, '-' and '_'; a leading '_' would make webdataset treat the
+# member as metadata and drop it, and an empty part would give `key..txt`.
+_EXTENSION_RE = re.compile(r"[A-Za-z0-9-][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Image bytes written unchanged as `<key>.<ext>`, whatever `write_shards(image_format=...)` says."""
+
+    data: bytes
+    ext: str
+
+    def __post_init__(self) -> None:
+        if self.ext not in IMAGE_EXTENSIONS:
+            raise ValueError(f"image extension must be one of {IMAGE_EXTENSIONS}, got {self.ext!r}")
+        if not isinstance(self.data, (bytes, bytearray)):
+            raise TypeError(f"EncodedImage.data must be bytes, got {type(self.data).__name__}")
+
+
+ImageInput = Union[Image.Image, bytes, EncodedImage]
+
+
+class ShardSample(NamedTuple):
+    """One sample; a plain `(key, image, caption, extra)` or `(..., sidecars)` tuple works the same.
+
+    `sidecars` maps extra member extensions (e.g. `"syn.txt"`) to their bytes, written as `<key>.<ext>`.
+    """
+
+    key: str
+    image: ImageInput
+    caption: str
+    extra: Optional[dict] = None
+    sidecars: Optional[Mapping[str, bytes]] = None
+
+
+Sample = Union[
+    tuple[str, ImageInput, str, Optional[dict]],
+    tuple[str, ImageInput, str, Optional[dict], Optional[Mapping[str, bytes]]],
+    ShardSample,
+]
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -63,6 +109,51 @@ def encode_image(image: Union[Image.Image, bytes], image_format: str) -> bytes:
     else:
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     return buffer.getvalue()
+
+
+def check_sidecar_ext(ext: str) -> str:
+    """`ext` if it can name a sidecar member (`<key>.<ext>`), else ValueError saying why."""
+    if not isinstance(ext, str) or _EXTENSION_RE.fullmatch(ext) is None:
+        raise ValueError(
+            f"sidecar extension {ext!r} must be dot-separated parts of letters, digits, '-' and '_', "
+            "with no leading dot or '_'"
+        )
+    if ext.lower() in RESERVED_EXTENSIONS:
+        raise ValueError(f"sidecar extension {ext!r} is reserved (one of {sorted(RESERVED_EXTENSIONS)})")
+    return ext
+
+
+def _image_member(image: ImageInput, image_format: str) -> tuple[str, bytes]:
+    """(extension, bytes) of a sample's image member."""
+    if isinstance(image, EncodedImage):
+        return image.ext, bytes(image.data)
+    return image_format, encode_image(image, image_format)
+
+
+def _as_shard_sample(sample: Sample) -> ShardSample:
+    if isinstance(sample, ShardSample):
+        return sample
+    if len(sample) not in (4, 5):
+        raise ValueError(f"a sample is (key, image, caption, extra[, sidecars]), got {len(sample)} fields")
+    return ShardSample(*sample)
+
+
+def _record(sample: Sample, image_format: str) -> dict[str, Any]:
+    """The TarWriter record of one sample: `{"__key__": key, ext: bytes, ...}`."""
+    key, image, caption, extra, sidecars = _as_shard_sample(sample)
+    if not key or "." in key:
+        # webdataset splits the file name at the first dot: a dotted key would break grouping.
+        raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
+    image_ext, image_bytes = _image_member(image, image_format)
+    record: dict[str, Any] = {"__key__": key, image_ext: image_bytes, "txt": caption.encode("utf-8")}
+    if extra is not None:
+        record["json"] = json.dumps(extra, sort_keys=True).encode("utf-8")
+    for ext, data in (sidecars or {}).items():
+        check_sidecar_ext(ext)
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"sidecar {key}.{ext} must be bytes, got {type(data).__name__}")
+        record[ext] = bytes(data)
+    return record
 
 
 def read_manifest(out_dir: Union[str, Path]) -> Optional[dict[str, Any]]:
@@ -119,14 +210,8 @@ def _write_one_shard(path: Path, samples: list[Sample], image_format: str) -> di
             writer = wds.TarWriter(
                 stream, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False
             )
-            for key, image, caption, extra in samples:
-                if not key or "." in key:
-                    # webdataset splits the file name at the first dot: a dotted key would break grouping.
-                    raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
-                record = {"__key__": key, image_format: encode_image(image, image_format), "txt": caption.encode("utf-8")}
-                if extra is not None:
-                    record["json"] = json.dumps(extra, sort_keys=True).encode("utf-8")
-                writer.write(record)
+            for sample in samples:
+                writer.write(_record(sample, image_format))
             writer.close()
             stream.flush()
             os.fsync(stream.fileno())
@@ -145,10 +230,12 @@ def write_shards(
     image_format: str = "png",
     source: Optional[dict] = None,
 ) -> list[dict]:
-    """Write `(key, image, caption, extra)` samples to `{out_dir}/{prefix}-000000.tar, ...`.
+    """Write `(key, image, caption, extra[, sidecars])` samples to `{out_dir}/{prefix}-000000.tar, ...`.
 
-    `image` is a PIL image (encoded with fixed settings) or already-encoded bytes; `extra`, if not
-    None, is stored as `<key>.json`. `source` (optional, JSON-serialisable) records how the samples
+    `image` is a PIL image (encoded with fixed settings as `image_format`), already-encoded bytes
+    (stored as `<key>.<image_format>`) or an `EncodedImage` (stored unchanged under its own
+    extension); `extra`, if not None, is stored as `<key>.json`; `sidecars`, if given (5th element or
+    `ShardSample.sidecars`), maps further extensions such as `"syn.txt"` to bytes stored as `<key>.<ext>`. `source` (optional, JSON-serialisable) records how the samples
     were made, under `manifest["sources"][prefix]`; tools compare it to skip a rebuild.
 
     Returns this prefix's manifest entries `{"name", "samples", "bytes", "sha256"}` in shard order.

@@ -1,4 +1,4 @@
-"""Callbacks: throughput, a step-based progress bar, preview samples and the colour evaluation."""
+"""Callbacks: throughput and data metrics, a step-based progress bar, preview samples and the colour evaluation."""
 
 from __future__ import annotations
 
@@ -14,24 +14,51 @@ from sd3train.eval.colour import colour_adherence
 from sd3train.inference import decode_to_uint8, generate_latents, write_samples
 
 
-class Throughput(L.Callback):
-    """Logs train/samples_per_sec (all ranks together) from wall time between steps."""
+class DataMetrics(L.Callback):
+    """Throughput and the data pipeline's health.
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
+    Every step: train/samples_per_sec (all ranks, from the real batch sizes). Every
+    `every_n_steps`: data/wait_fraction (share of wall time the step loop waited for the loader,
+    mean over ranks), and the datamodule's counters (data/skipped_<reason>, data/samples_read,
+    data/skipped_fraction), summed over ranks.
+    """
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = max(1, every_n_steps)
         self._last: float | None = None
+        self._window_start: float | None = None
+        self._window_wait = 0.0
+
+    @staticmethod
+    def _wait_seconds(trainer) -> float:
+        batches = getattr(trainer.datamodule, "train_batches", None)
+        return batches.wait_seconds if batches is not None else 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._last is None:
-            self._last = time.perf_counter()
+            self._last = self._window_start = time.perf_counter()
+            self._window_wait = self._wait_seconds(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        elapsed = now - self._last
-        self._last = now
+        elapsed, self._last = now - self._last, now
+        batch_size = len(batch["keys"])
         if elapsed > 0:
-            rate = self.batch_size * trainer.world_size / elapsed
-            pl_module.log("train/samples_per_sec", rate, prog_bar=True, batch_size=self.batch_size)
+            rate = batch_size * trainer.world_size / elapsed
+            pl_module.log("train/samples_per_sec", rate, prog_bar=True, batch_size=batch_size)
+        if trainer.global_step % self.every_n_steps or trainer.datamodule is None:
+            return
+        wait = self._wait_seconds(trainer)
+        window = now - self._window_start
+        metrics = {"data/wait_fraction": (wait - self._window_wait) / window if window > 0 else 0.0}
+        self._window_start, self._window_wait = now, wait
+        pl_module.log_dict(metrics, sync_dist=True, batch_size=batch_size)
+        counters = getattr(trainer.datamodule, "metrics", None)
+        if counters is not None:
+            values = counters()
+            fraction = values.pop("data/skipped_fraction")
+            pl_module.log_dict(values, sync_dist=True, reduce_fx="sum", batch_size=batch_size)
+            pl_module.log("data/skipped_fraction", fraction, sync_dist=True, batch_size=batch_size)
 
 
 class StepProgressBar(TQDMProgressBar):

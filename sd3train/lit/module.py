@@ -7,6 +7,7 @@ import torch
 
 from sd3train.config.schema import TrainConfig
 from sd3train.config.typed import to_plain
+from sd3train.data.cache_format import TEXT_OUTPUTS
 from sd3train.diffusion.flow import binned_mean, interpolate, per_sample_mse, velocity_target
 from sd3train.diffusion.timesteps import resolution_shift, sample_timesteps
 from sd3train.lit.ema import EMAModel
@@ -54,15 +55,28 @@ class SD3LitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _encode_batch(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
-        """Latents, context and pooled text for a batch; `generator` None means no randomness."""
+        """Latents, context and pooled text for a batch; `generator` None means no randomness.
+
+        A batch from the precompute cache ("latent_mean" in it) skips both encoders and draws the
+        same random numbers in the same order as the online path, so both give the same loss.
+        """
         with torch.no_grad():
-            mean, logvar = self._moments(batch)
+            if "latent_mean" in batch:
+                mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+            else:
+                mean, logvar = self._moments(batch)
+                std = torch.exp(0.5 * logvar)
             if generator is None:
                 latents = self.vae.normalise(mean)
             else:
                 eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
-                latents = self.vae.normalise(mean + torch.exp(0.5 * logvar) * eps)
-            context, pooled = self.text(batch["captions"], generator=generator)
+                latents = self.vae.normalise(mean + std * eps)
+            if "latent_mean" in batch:
+                outputs = {name: batch[name].to(self.device, torch.float32) for name in TEXT_OUTPUTS}
+                keep = None if generator is None else self.text.dropout_keep_mask(len(batch["keys"]), generator)
+                context, pooled = TextConditioner.assemble(outputs, keep)
+            else:
+                context, pooled = self.text(batch["captions"], generator=generator)
         return latents.float(), context.to(self.device), pooled.to(self.device)
 
     def _moments(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

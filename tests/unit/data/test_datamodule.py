@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sd3train.config.schema import DataConfig
-from sd3train.data.datamodule import REPO_ROOT, ShardDataModule, epoch_shards, resolve_shard_urls
+from sd3train.data.datamodule import REPO_ROOT, ShardDataModule, resolve_shard_urls
+from sd3train.data.sources import ShardPlan, Source
 from sd3train.data.shapes import parse_caption
 from sd3train.tools.make_shapes import build_shapes
 
@@ -28,7 +29,7 @@ def shards(tmp_path_factory) -> Path:
 
 def make_datamodule(shards: Path, seed: int = 0, **overrides) -> ShardDataModule:
     fields = dict(
-        train_shards=str(shards / "train-{000000..000003}.tar"),
+        shards=str(shards / "train-{000000..000003}.tar"),
         val_shards=str(shards / "val-000000.tar"),
         resolution=16,  # shards hold 32x32 images: the resize path runs
         batch_size=BATCH,
@@ -46,7 +47,10 @@ def first_keys(datamodule: ShardDataModule, num_batches: int) -> list[list[str]]
 
 def test_train_batch_has_images_in_range_and_grammar_captions(shards):
     batch = next(iter(make_datamodule(shards).train_dataloader()))
-    assert sorted(batch) == ["captions", "images", "keys", "urls"]
+    assert sorted(batch) == [
+        "captions", "crop_offsets", "flipped", "images", "keys", "original_sizes", "synthetic_captions", "urls"
+    ]
+    assert batch["original_sizes"].tolist() == [[32, 32]] * BATCH and batch["crop_offsets"].tolist() == [[0, 0]] * BATCH
     images = batch["images"]
     assert images.shape == (BATCH, 3, 16, 16) and images.dtype == torch.float32
     assert images.min() >= -1.0 and images.max() <= 1.0
@@ -82,14 +86,14 @@ def test_every_key_once_per_epoch_with_two_workers_and_new_order_next_epoch(shar
     assert (datamodule.epoch, datamodule.batches_in_epoch, datamodule.batches_consumed) == (2, 1, 17)
 
 
-def test_restarted_iteration_moves_persistent_workers_to_the_next_epoch(shards):
-    reference = first_keys(make_datamodule(shards, num_workers=2), BATCHES_PER_EPOCH + 2)[BATCHES_PER_EPOCH:]
+def test_restarted_iteration_continues_where_the_consumed_batches_end(shards):
+    reference = first_keys(make_datamodule(shards, num_workers=2), BATCHES_PER_EPOCH + 2)
     datamodule = make_datamodule(shards, num_workers=2)
     batches = datamodule.train_dataloader()
     list(islice(batches, 3))  # left part-way through epoch 0
-    # The same workers are asked again: they must stream epoch 1 (checked batch by batch).
-    assert [batch["keys"] for batch in islice(batches, 2)] == reference
-    assert (datamodule.epoch, datamodule.batches_in_epoch, datamodule.batches_consumed) == (1, 2, 5)
+    # Iterated again: the rest of epoch 0, then epoch 1, as if never interrupted.
+    assert [batch["keys"] for batch in islice(batches, BATCHES_PER_EPOCH - 1)] == reference[3:]
+    assert (datamodule.epoch, datamodule.batches_in_epoch, datamodule.batches_consumed) == (1, 2, 10)
 
 
 def test_ranks_read_disjoint_halves(shards, monkeypatch):
@@ -105,10 +109,11 @@ def test_ranks_read_disjoint_halves(shards, monkeypatch):
 
 def test_epoch_shards_split_by_rank_and_worker_cover_each_shard_once():
     urls = [f"s{i}" for i in range(8)]
-    parts = [epoch_shards(urls, 0, 5, rank, 2, worker, 2) for rank in (0, 1) for worker in (0, 1)]
+    plan = ShardPlan([Source(tuple(urls))], seed=0, resampled=False)
+    parts = [plan.shards(5, rank, 2, worker, 2) for rank in (0, 1) for worker in (0, 1)]
     assert [len(part) for part in parts] == [2, 2, 2, 2]
     assert sorted(url for part in parts for url in part) == urls
-    assert epoch_shards(urls, 0, 5, 0, 1, 0, 1) != epoch_shards(urls, 0, 6, 0, 1, 0, 1)
+    assert plan.shards(5, 0, 1, 0, 1) != plan.shards(6, 0, 1, 0, 1)
 
 
 def test_val_loader_is_fixed_order_deterministic_and_bounded(shards):
@@ -122,18 +127,18 @@ def test_val_loader_is_fixed_order_deterministic_and_bounded(shards):
     assert make_datamodule(shards, val_shards=None).val_dataloader() == []
 
 
-def test_state_round_trips_and_resume_starts_the_next_epoch(shards):
+def test_state_round_trips_and_resume_continues_the_same_stream(shards):
     datamodule = make_datamodule(shards)
     first_keys(datamodule, 3)
     state = datamodule.state_dict()
-    assert (state["epoch"], state["batches_in_epoch"], state["batches_consumed"], state["seed"]) == (0, 3, 3, 0)
+    (rank_state,) = state["ranks"]
+    assert (rank_state["epoch"], rank_state["consumed_in_epoch"], rank_state["batches_consumed"], state["seed"]) == (0, [3], 3, 0)
     resumed = make_datamodule(shards)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
-    # Exact resume is not implemented yet: a part-way epoch is left and the next epoch begins.
-    reference = first_keys(make_datamodule(shards), BATCHES_PER_EPOCH + 2)[BATCHES_PER_EPOCH:]
-    assert first_keys(resumed, 2) == reference
-    assert (resumed.epoch, resumed.batches_in_epoch, resumed.batches_consumed) == (1, 2, 5)
+    reference = first_keys(make_datamodule(shards), 5)
+    assert first_keys(resumed, 2) == reference[3:]
+    assert (resumed.epoch, resumed.batches_in_epoch, resumed.batches_consumed) == (0, 5, 5)
     with pytest.raises(ValueError, match="version"):
         resumed.load_state_dict({**state, "version": 99})
 

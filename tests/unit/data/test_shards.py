@@ -16,7 +16,15 @@ import yaml
 from PIL import Image
 
 from sd3train.config.schema import DataConfig
-from sd3train.data.shards import read_manifest, sha256_file, verify_shards, write_shards
+from sd3train.data.shards import (
+    EncodedImage,
+    ShardSample,
+    check_sidecar_ext,
+    read_manifest,
+    sha256_file,
+    verify_shards,
+    write_shards,
+)
 from sd3train.tools.make_shapes import build_shapes, main
 
 REPO = Path(__file__).resolve().parents[3]
@@ -115,10 +123,58 @@ def test_write_shards_rejects_dotted_key_and_leaves_no_partial_file(tmp_path):
 def test_shapes_defaults_match_data_config_and_shipped_yaml():
     defaults = {name: p.default for name, p in inspect.signature(build_shapes).parameters.items()}
     data = DataConfig()
-    train_names = [Path(p).name for p in braceexpand.braceexpand(data.train_shards)]
+    train_names = [Path(p).name for p in braceexpand.braceexpand(data.shards)]
     assert train_names == [f"train-{i:06d}.tar" for i in range(math.ceil(defaults["train"] / defaults["samples_per_shard"]))]
     assert len(train_names) == 8
     assert data.val_shards == "data/shapes/val-000000.tar" and defaults["val"] <= defaults["samples_per_shard"]
     assert defaults["size"] == data.resolution == 64
     shipped = yaml.safe_load((REPO / "conf" / "data" / "shapes.yaml").read_text())
     assert shipped == asdict(data)
+
+
+def _png_bytes(colour=(1, 2, 3)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_write_shards_sidecars_and_encoded_image_extensions(tmp_path):
+    webp = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(webp, format="WEBP")
+    samples = [
+        ("a", EncodedImage(webp.getvalue(), "webp"), "one", None, {"syn.txt": b"synthetic one"}),
+        ShardSample("b", EncodedImage(b"jpeg bytes as they are", "jpeg"), "two", {"i": 1}, {"syn.txt": b"s2", "mask": b"m"}),
+        ("c", _png_bytes(), "three", None),  # plain bytes still go under image_format
+        ShardSample("d", Image.new("RGB", (4, 4)), "four"),
+    ]
+    write_shards(samples, tmp_path, prefix="x", samples_per_shard=10, image_format="jpg")
+    with tarfile.open(tmp_path / "x-000000.tar") as archive:
+        assert archive.getnames() == [
+            "a.syn.txt", "a.txt", "a.webp",
+            "b.jpeg", "b.json", "b.mask", "b.syn.txt", "b.txt",
+            "c.jpg", "c.txt",
+            "d.jpg", "d.txt",
+        ]
+        assert archive.extractfile("a.webp").read() == webp.getvalue()
+        assert archive.extractfile("b.jpeg").read() == b"jpeg bytes as they are"
+        assert archive.extractfile("a.syn.txt").read() == b"synthetic one"
+        assert archive.extractfile("c.jpg").read() == _png_bytes()
+
+
+@pytest.mark.parametrize("ext", ["txt", "json", "png", "JPG", ".syn.txt", "_meta", "syn..txt", "a/b", ""])
+def test_sidecar_extensions_that_would_clash_or_break_grouping_are_rejected(tmp_path, ext):
+    with pytest.raises(ValueError, match="sidecar extension"):
+        check_sidecar_ext(ext)
+    with pytest.raises(ValueError, match="sidecar extension"):
+        write_shards([("k", _png_bytes(), "c", None, {ext: b"x"})], tmp_path, prefix="bad", samples_per_shard=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_encoded_image_and_sample_shape_are_checked(tmp_path):
+    assert check_sidecar_ext("syn.txt") == "syn.txt"
+    with pytest.raises(ValueError, match="image extension"):
+        EncodedImage(b"x", "gif")
+    with pytest.raises(TypeError, match="must be bytes"):
+        write_shards([("k", _png_bytes(), "c", None, {"syn.txt": "text"})], tmp_path, prefix="bad", samples_per_shard=4)
+    with pytest.raises(ValueError, match="fields"):
+        write_shards([("k", _png_bytes(), "c")], tmp_path, prefix="bad", samples_per_shard=4)

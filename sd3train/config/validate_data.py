@@ -1,0 +1,61 @@
+"""Cross-field checks of the `data` group: buckets against the model's patch grid, the caption mix,
+the bad-data budget, sources, and settings that cannot go together."""
+
+from __future__ import annotations
+
+from sd3train.config.schema import TrainConfig
+from sd3train.paths import resolve_repo_path
+
+
+def data_problems(cfg: TrainConfig, multiple: int) -> list[str]:
+    """`multiple`: pixels per latent patch (VAE downsampling x patch size); bucket sides must divide by it."""
+    data = cfg.data
+    problems: list[str] = []
+    for name, low, high in (("p_synthetic", 0.0, 1.0), ("skip_budget", 0.0, 1.0)):
+        value = getattr(data, name)
+        if not low <= value <= high:
+            problems.append(f"data.{name}: {value} is outside [{low}, {high}]")
+    for name in ("min_size", "skip_budget_min_samples", "val_batches", "shuffle_buffer"):
+        if getattr(data, name) < 0:
+            problems.append(f"data.{name}: must be >= 0, got {getattr(data, name)}")
+    if data.shards_per_epoch is not None and data.shards_per_epoch < 1:
+        problems.append(f"data.shards_per_epoch: must be >= 1 or null, got {data.shards_per_epoch}")
+    for index, source in enumerate(data.sources):
+        if not source.weight > 0:
+            problems.append(f"data.sources[{index}].weight: must be > 0, got {source.weight}")
+        if not source.shards.strip():
+            problems.append(f"data.sources[{index}].shards: is empty")
+    if data.aspect_buckets:
+        problems.extend(_bucket_problems(cfg, multiple))
+    per_visit = [name for name in ("random_crop", "random_flip") if getattr(data, name)]
+    # data.cache_latents is ignored with data.cached (the latents are precomputed already).
+    if data.cache_latents and per_visit and not data.cached:
+        problems.append(f"data.cache_latents: a cached posterior would freeze the {' and '.join(per_visit)} "
+                        "of the first visit; turn one of them off")
+    if data.cached:
+        if per_visit:
+            problems.append(f"data.cached: the precompute cache holds one centre crop per sample; "
+                            f"{', '.join('data.' + name for name in per_visit)} must be false")
+    if data.blocklist is not None and not resolve_repo_path(data.blocklist).is_file():
+        problems.append(f"data.blocklist: {data.blocklist} does not exist")
+    return problems
+
+
+def _bucket_problems(cfg: TrainConfig, multiple: int) -> list[str]:
+    from sd3train.data.buckets import make_buckets
+
+    data, model = cfg.data, cfg.model
+    if data.bucket_step % multiple:
+        return [f"data.bucket_step={data.bucket_step} is not a multiple of {multiple} (VAE downsampling x "
+                f"model.patch_size): bucket sides would not make whole latent patches"]
+    if data.max_aspect_ratio < 1:
+        return [f"data.max_aspect_ratio: must be >= 1, got {data.max_aspect_ratio}"]
+    try:
+        buckets = make_buckets(data.resolution * data.resolution, data.bucket_step, data.max_aspect_ratio)
+    except ValueError as error:
+        return [f"data.aspect_buckets: {error} (data.resolution={data.resolution})"]
+    longest = max(max(bucket.height, bucket.width) for bucket in buckets)
+    if longest // multiple > model.pos_embed_max_size:
+        return [f"data.aspect_buckets: the longest bucket side {longest} gives {longest // multiple} patches, more "
+                f"than model.pos_embed_max_size={model.pos_embed_max_size}; lower data.max_aspect_ratio"]
+    return []

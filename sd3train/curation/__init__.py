@@ -1,0 +1,1 @@
+"""Dataset curation: the precompute cache (`sd3train-precompute`)."""

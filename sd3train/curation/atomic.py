@@ -1,0 +1,84 @@
+"""Crash-safe file writes: a hidden temporary sibling, fsynced, then renamed or linked into place.
+
+    descriptor, temporary = temporary_file(folder, name)   # `.<name>.tmp-XXXXXXXX`, mode as open() gives
+    with os.fdopen(descriptor, "wb") as stream: ...; sync(stream)
+    replace(temporary, folder / name)      # or publish_once(...): only if nothing is there yet
+    temporary.unlink(missing_ok=True)      # in a `finally`, for when the write failed
+    remove_leftovers(folder, names)        # what a killed writer left for these names
+
+A reader therefore sees a complete file or none, and after a crash the folder holds at most the
+hidden temporary files, which `remove_leftovers` finds by `TEMP_MARK`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO
+
+TEMP_MARK = ".tmp-"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the filesystem can fsync a directory)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def temporary_file(folder: Path, name: str) -> tuple[int, Path]:
+    """A new hidden file next to `name`, with the permissions a plain open() would give it."""
+    from sd3train.checkpoint.files import with_default_mode  # imports torch: only when writing
+
+    descriptor, path = tempfile.mkstemp(dir=folder, prefix=f".{name}{TEMP_MARK}")
+    return descriptor, with_default_mode(Path(path))
+
+
+def sync(stream: IO) -> None:
+    """Flush `stream` and fsync its file."""
+    stream.flush()
+    os.fsync(stream.fileno())
+
+
+def replace(temporary: Path, path: Path) -> None:
+    """Rename the finished `temporary` to `path` (replacing any file there), durably."""
+    os.replace(temporary, path)
+    fsync_dir(path.parent)
+
+
+def publish_once(temporary: Path, path: Path) -> bool:
+    """Put the finished `temporary` at `path` unless a file is there already: True if put.
+
+    A hard link, so of several writers racing for `path` exactly one wins; where the filesystem
+    has no hard links, a rename when `path` is still absent.
+    """
+    try:
+        os.link(temporary, path)  # fails if another writer got there first
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem
+        if path.exists():
+            return False
+        os.replace(temporary, path)
+    fsync_dir(path.parent)
+    return True
+
+
+def remove_leftovers(folder: Path, names: Iterable[str]) -> int:
+    """Delete the temporary files killed runs left for these file names; how many there were."""
+    removed = 0
+    for name in names:
+        for leftover in folder.glob(f".{glob.escape(name)}{TEMP_MARK}*"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed

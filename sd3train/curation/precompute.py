@@ -1,0 +1,318 @@
+"""sd3train-precompute: encode image shards once into a cache of VAE posteriors and text-encoder outputs.
+
+    sd3train-precompute --out /data/cache experiment=tiny_cpu data.shards=/data/src/{00000..00009}.tar
+    sd3train-precompute --out DIR [--task-index I] [--num-tasks N] [--dtype bf16|fp16|fp32]
+                        [--batch-size 16] [--device auto|cpu|cuda] [HYDRA OVERRIDES...]
+    python -m sd3train.curation.precompute ...   # the same
+
+The config is composed from the overrides exactly as `sd3train-train` composes it (and validated
+the same way: a bad config exits with status 2 and every problem, before any model is built). Then
+train on the cache with `data.cached=true` (see conf/data/cached.yaml and the README).
+
+Tasks: the source shards (`data.shards`; relative paths from the repo root, as in training, while
+`--out` is from the current directory) are split round-robin, shard i going to task
+`i % num_tasks`. `--task-index` defaults to
+`(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP` and `--num-tasks` to
+`SLURM_ARRAY_TASK_COUNT` (0 and 1 outside a Slurm array), so `sbatch --array=0-63` needs no flags.
+Tasks never talk to each other.
+
+Per source shard, `DIR/<its basename>` (a `.tar.gz` source gives a `.tar`) holds the same keys in
+the same order, minus the samples that cannot be used (counted per reason and reported; a
+truncated source keeps the samples before the cut, an unreadable one gets no output); layout in
+`sd3train/data/cache_format.py`. Images are decoded as validation decodes them (centre crop, no
+flip) at their aspect bucket; the original caption and, with `data.synthetic_caption_key`, the
+synthetic one are both encoded. Samples are batched per bucket (`--batch-size`), at most
+`REORDER_WINDOW_BATCHES` (`encode_shard.py`) batches' worth of samples waiting, and written in
+source order.
+
+Restartable: an output that exists is complete (it is written under a hidden temporary name,
+fsynced, then renamed) and is skipped; a killed task leaves at most a `.<name>.tmp-*` file, which
+its rerun deletes. Tar headers are fixed, and the batching is a function of the shard alone, so the
+same inputs, settings and software give byte-identical shards whatever the task split.
+
+`DIR/cache_info.json` records the settings the cache depends on (format, dtype, `vae`, `text`
+without its training-time dropout, and the data settings in `DATA_FIELDS`); every task writes the
+same one, and a run whose settings differ from an existing one exits with status 2 naming them.
+
+Exit status: 0 done; 1 some source shards could not be read (the others are done; rerun to retry
+them); 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from sd3train.curation.atomic import publish_once, remove_leftovers, sync, temporary_file
+from sd3train.curation.encode_shard import Encoders, Precomputer
+from sd3train.data.cache_info import (  # noqa: F401 (DATA_FIELDS re-exported)
+    CACHE_INFO_NAME,
+    DATA_FIELDS,
+    cache_info,
+    info_differences,
+)
+
+PROG = "sd3train-precompute"
+USAGE_EXIT_CODE = 2
+FAILED_SHARDS_EXIT_CODE = 1
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the keys of cache_format.DTYPES (not imported: --help stays fast)
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+class UsageError(Exception):
+    """A problem with the command line, the config or the output folder: exit status 2."""
+
+
+def log(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Encode image shards into a cache of VAE posteriors and text-encoder outputs "
+        "(train on it with data.cached=true).",
+        epilog="example: sd3train-precompute --out /data/cache experiment=tiny_cpu "
+        "data.shards=/data/src/{00000..00009}.tar",
+    )
+    parser.add_argument("--out", required=True, help="cache folder (created if missing)")
+    parser.add_argument("--task-index", type=int, default=None,
+                        help="this task's index (default: from SLURM_ARRAY_TASK_ID, else 0)")
+    parser.add_argument("--num-tasks", type=int, default=None,
+                        help="number of tasks sharing the shards (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="storage dtype (default bf16)")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per encoder batch (default 16)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the encoders run (auto: cuda when available)")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                        help="Hydra overrides, as for sd3train-train (experiment=..., data.shards=...)")
+    return parser
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{name}={value!r} is not an integer") from None
+
+
+def resolve_task(
+    task_index: int | None, num_tasks: int | None, environ: Mapping[str, str] = os.environ
+) -> tuple[int, int]:
+    """(task index, number of tasks): the flags, else the Slurm array variables, else (0, 1)."""
+    if num_tasks is None:
+        num_tasks = _env_int(environ, "SLURM_ARRAY_TASK_COUNT") or 1
+    if task_index is None:
+        task_id = _env_int(environ, "SLURM_ARRAY_TASK_ID")
+        if task_id is None:
+            task_index = 0
+        else:
+            first = _env_int(environ, "SLURM_ARRAY_TASK_MIN") or 0
+            step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") or 1
+            task_index = (task_id - first) // step
+    if num_tasks < 1:
+        raise UsageError(f"--num-tasks must be >= 1, got {num_tasks}")
+    if not 0 <= task_index < num_tasks:
+        raise UsageError(f"task index {task_index} is outside 0..{num_tasks - 1} (--num-tasks {num_tasks}); "
+                         "set --task-index, or check SLURM_ARRAY_TASK_ID/_MIN/_COUNT")
+    return task_index, num_tasks
+
+
+def assigned(urls: list[str], task_index: int, num_tasks: int) -> list[str]:
+    return [url for index, url in enumerate(urls) if index % num_tasks == task_index]
+
+
+def output_name(url: str) -> str:
+    """The cache shard's file name for a source url: its basename (a compressed tar gives `.tar`)."""
+    if url.startswith("pipe:"):
+        # The first argument of the command that names a tar: `pipe:aws s3 cp s3://b/x.tar -` -> x.tar.
+        try:
+            tokens = shlex.split(url[len("pipe:"):])
+        except ValueError:
+            tokens = url[len("pipe:"):].split()
+        paths = [token for token in tokens if _tar_name(token.rstrip("/").rsplit("/", 1)[-1])]
+        base = paths[0].rstrip("/").rsplit("/", 1)[-1] if paths else ""
+    elif "://" in url:
+        base = urlparse(url).path.rsplit("/", 1)[-1]
+    else:
+        base = Path(url.removeprefix("file:")).name
+    name = _tar_name(base)
+    if name is None:
+        raise UsageError(f"cannot name the cache shard for {url!r}: its file name does not end in .tar")
+    return name
+
+
+def _tar_name(base: str) -> str | None:
+    for suffix in COMPRESSED_TAR_SUFFIXES:
+        if base.endswith(suffix) and len(base) > len(suffix):
+            return base[: -len(suffix)] + ".tar"
+    return base if base.endswith(".tar") and len(base) > len(".tar") else None
+
+
+# --------------------------------------------------------------------- config
+
+
+def compose_config(overrides: list[str]):
+    """The validated TrainConfig for `overrides`, composed as sd3train-train composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from sd3train.config.overrides import normalise_overrides
+    from sd3train.config.typed import ConfigError
+    from sd3train.config.validate import load_config
+    from sd3train.train import CONF_DIR
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            # Shard specs as sd3train-train takes them: braces unquoted, or expanded by the shell.
+            raw = compose(config_name="config", overrides=normalise_overrides(list(overrides)))
+    except Exception as error:  # noqa: BLE001  (Hydra's override and missing-option errors)
+        raise UsageError(f"cannot compose the config: {error}") from None
+    try:
+        return load_config(raw)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def ensure_cache_info(folder: Path, info: dict[str, Any]) -> bool:
+    """Write `folder/cache_info.json` if absent (atomically, first writer wins); True if written.
+
+    Raises UsageError when the folder already has one with other settings.
+    """
+    path = folder / CACHE_INFO_NAME
+    if not path.exists():
+        descriptor, temporary = temporary_file(folder, CACHE_INFO_NAME)
+        try:
+            with os.fdopen(descriptor, "w") as stream:
+                stream.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
+                sync(stream)
+            if publish_once(temporary, path):  # False if another task got there first: then compare below
+                return True
+        finally:
+            temporary.unlink(missing_ok=True)
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path} is unreadable ({error}); remove it if the folder holds no cache shards") from None
+    differences = info_differences(existing, info)
+    if differences:
+        raise UsageError(
+            f"{path} was written with other settings, and a cache folder holds one model setup; "
+            "use another --out folder or the cache's settings. Differences:\n  " + "\n  ".join(differences)
+        )
+    return False
+
+
+# ----------------------------------------------------------------------- main
+
+
+def _counts(counter: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(counter.items()))
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return requested
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    task_index, num_tasks = resolve_task(args.task_index, args.num_tasks)
+    cfg = compose_config(args.overrides)
+    data = cfg.data
+    if data.sources:
+        raise UsageError("data.sources is not supported here: precompute each source's shards with "
+                         "data.shards=... (into one folder, or one per source)")
+    if data.cached:
+        raise UsageError("data.cached=true: precompute reads image shards, not cache shards")
+    from sd3train.data.sources import is_url, resolve_shard_urls
+
+    try:
+        urls = resolve_shard_urls(data.shards)
+    except ValueError as error:
+        raise UsageError(f"data.shards: {error}") from None
+    names = [output_name(url) for url in urls]
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise UsageError(f"data.shards: several source shards would write the same cache shard "
+                         f"{', '.join(repeated[:5])}; their file names must differ")
+
+    out = Path(args.out)
+    clashes = [url for url, name in zip(urls, names)
+               if not is_url(url) and Path(url.removeprefix("file:")).resolve() == (out / name).resolve()]
+    if clashes:
+        raise UsageError(f"--out {out} is where the source shards are ({clashes[0]}): the cache needs its own folder")
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_cache_info(out, cache_info(cfg, args.dtype))
+    mine = assigned(list(zip(urls, names)), task_index, num_tasks)
+    removed = remove_leftovers(out, [name for _, name in mine])
+    todo = [(url, name) for url, name in mine if not (out / name).exists()]
+    device = pick_device(args.device) if todo else "cpu"
+    log(f"task {task_index} of {num_tasks}: {len(mine)} of {len(urls)} shard(s), {len(mine) - len(todo)} "
+        f"already done -> {out} ({args.dtype}, batch {args.batch_size}, {device})"
+        + (f"; removed {removed} temporary file(s) of an interrupted run" if removed else ""))
+
+    samples, skipped, examples, failed = 0, Counter(), {}, []
+    start = time.perf_counter()
+    if todo:
+        precomputer = Precomputer(cfg, Encoders(cfg, device), args.dtype, args.batch_size)
+        start = time.perf_counter()  # samples/s below is the encoding rate, model loading left out
+        for number, (url, name) in enumerate(todo, 1):
+            shard_start = time.perf_counter()
+            result = precomputer.run(url, out / name)
+            seconds = time.perf_counter() - shard_start
+            skipped.update(result.skipped)
+            for reason, example in result.examples.items():
+                examples.setdefault(reason, example)
+            where = f"[{number}/{len(todo)}] {name}"
+            if result.failure is not None:
+                failed.append(url)
+                log(f"{where}: FAILED, cannot read {url}: {result.failure}")
+                continue
+            samples += result.samples
+            skips = f", skipped {sum(result.skipped.values())} ({_counts(result.skipped)})" if result.skipped else ""
+            log(f"{where}: {result.samples} samples{skips} in {seconds:.1f} s "
+                f"({result.samples / max(seconds, 1e-9):.1f} samples/s)")
+    seconds = time.perf_counter() - start
+    if skipped:
+        log("skipped samples: " + _counts(skipped) + "; e.g. "
+            + "; ".join(f"{reason}: {example}" for reason, example in sorted(examples.items())))
+    log(f"done: {len(todo) - len(failed)} shard(s) written, {len(mine) - len(todo)} skipped (already there), "
+        f"{len(failed)} failed; {samples} samples in {seconds:.1f} s ({samples / max(seconds, 1e-9):.1f} samples/s)")
+    if failed:
+        log(f"{len(failed)} source shard(s) could not be read (nothing written for them); rerun to retry")
+        return FAILED_SHARDS_EXIT_CODE
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        return run(args)
+    except UsageError as error:
+        log(str(error))
+        return USAGE_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
