@@ -23,6 +23,7 @@ setting is refused, naming what changed, unless `data.resume_resplit=true`.
 from __future__ import annotations
 
 import os
+import weakref
 from collections import Counter
 from typing import Any, Optional
 
@@ -130,7 +131,7 @@ class ShardDataModule(lightning.LightningDataModule):
         self._tails: dict[tuple[int, int], dict[str, Any]] = {}  # see record_tail
         self._loaded: Optional[dict[str, Any]] = None  # a loaded state, applied in train_dataloader
         self._resume_epoch: Optional[int] = None
-        self.train_batches: Optional[TrainBatches] = None
+        self._train_batches: Optional[weakref.ref] = None
 
     # ----------------------------------------------------------------- position
     def _reset_position(self, epoch: int) -> None:
@@ -241,15 +242,27 @@ class ShardDataModule(lightning.LightningDataModule):
             skip_budget_min_samples=self.cfg.skip_budget_min_samples,
         )
 
-        def make_dataset(first_epoch: int, replays: dict[int, Replay]) -> TrainShardStream:
-            return TrainShardStream(spec, first_epoch, self.rank, self.world_size, replays)
+        rank, world_size = self.rank, self.world_size  # not `self` in the closure: no reference cycle
 
-        self.train_batches = TrainBatches(self, make_dataset)
-        return self.train_batches
+        def make_dataset(first_epoch: int, replays: dict[int, Replay]) -> TrainShardStream:
+            return TrainShardStream(spec, first_epoch, rank, world_size, replays)
+
+        batches = TrainBatches(self, make_dataset)
+        # A weak reference: a cycle (datamodule <-> batches) would leave the persistent workers to
+        # the cyclic garbage collector, which may finalise their queues first and then waits 5 s
+        # per worker before killing it.
+        self._train_batches = weakref.ref(batches)
+        return batches
+
+    @property
+    def train_batches(self) -> Optional[TrainBatches]:
+        """The training iterable last returned by train_dataloader(), while it exists."""
+        return self._train_batches() if self._train_batches is not None else None
 
     def teardown(self, stage: Optional[str] = None) -> None:
-        if self.train_batches is not None:
-            self.train_batches.shutdown()
+        batches = self.train_batches
+        if batches is not None:
+            batches.shutdown()
 
     def val_dataloader(self) -> DataLoader | list:
         """Fixed-order batches, the same on every rank; `[]` (no validation) without val shards."""
