@@ -53,6 +53,7 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
     from sd3train.lit.callbacks import DataMetrics, PreviewAndEvaluate, StepProgressBar
     from sd3train.lit.loggers import build_loggers
     from sd3train.lit.module import SD3LitModule
+    from sd3train.lit.strategy import build_strategy
 
     # The frozen VAE and text encoders stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -84,6 +85,9 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
         max_steps=trainer_cfg.max_steps,
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=build_strategy(cfg),
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         precision=trainer_cfg.precision,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         val_check_interval=min(trainer_cfg.val_every_n_steps, trainer_cfg.max_steps) if has_val else None,

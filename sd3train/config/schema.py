@@ -240,6 +240,23 @@ class EvalConfig:
 
 
 @dataclass
+class StrategyConfig:
+    """How training is spread over devices (`strategy=ddp|zero1|zero2|zero3|zero3_offload`)."""
+
+    name: str = "ddp"  # ddp, or deepspeed (ZeRO)
+    zero_stage: int = 0  # 1: optimizer states sharded, 2: + gradients, 3: + parameters
+    offload_optimizer: bool = False  # ZeRO optimizer states (and step) in CPU memory
+    offload_parameters: bool = False  # ZeRO-3 parameters in CPU memory
+    # ZeRO communication: bucket sizes in elements, and overlapping reduction with backward.
+    reduce_bucket_size: int = 200_000_000
+    allgather_bucket_size: int = 200_000_000
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    # Process group backend; None: nccl on GPUs, gloo on CPUs.
+    process_group_backend: Optional[str] = None
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1000
     # "auto": continue from the newest checkpoint in the run directory; "never"; or a checkpoint path.
@@ -252,6 +269,15 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 500
     seed: int = 0
     progress_bar: bool = True
+    accumulate_grad_batches: int = 1
+    # When set, must equal data.batch_size x accumulate_grad_batches x devices x num_nodes.
+    global_batch_size: Optional[int] = None
+    num_nodes: int = 1
+    keep_checkpoints: int = 2  # the newest N complete checkpoints are kept (at least 2)
+    # Steps whose loss or gradient norm is not finite are skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = 3
+    # Debugging the guard: make the loss NaN at these optimizer steps (1-based).
+    debug_nan_loss_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -289,3 +315,4 @@ class TrainConfig:
     trainer: TrainerConfig
     logger: LoggerConfig
     paths: PathsConfig
+    strategy: StrategyConfig

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sd3train.config.schema import SamplerConfig, TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
 from sd3train.config.validate_data import data_problems
+from sd3train.config.validate_training import strategy_problems, trainer_problems
 from sd3train.data.cache_info import training_cache_problems
 from sd3train.paths import resolve_repo_path
 from sd3train.runtime.lr_schedule import SCHEDULES
@@ -148,6 +149,8 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"diffusion.sampler.num_steps: must be >= 1, got {diffusion.sampler.num_steps}")
     problems.extend(skip_layer_problems(diffusion.sampler, model.depth, "diffusion.sampler."))
     problems.extend(data_problems(cfg, multiple))
+    problems.extend(strategy_problems(cfg))
+    problems.extend(trainer_problems(cfg))
     if data.batch_size < 1:
         problems.append(f"data.batch_size: must be >= 1, got {data.batch_size}")
     if data.num_workers < 0:

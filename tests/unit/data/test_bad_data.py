@@ -192,11 +192,16 @@ def test_budget_error_from_a_dataloader_worker_keeps_its_type_and_message(tmp_pa
     assert f"the worst shard is {bad_path} with" in message
 
 
-def test_a_set_where_every_sample_is_bad_raises_the_budget_error_even_below_min_samples(tmp_path):
+def all_bad_shard(tmp_path) -> Path:
+    """One shard of 6 corrupt JPEGs with captions."""
     members: Members = []
     for i in range(6):
         members += [(f"bad{i}.jpg", corrupt_jpeg(i)), (f"bad{i}.txt", b"corrupt")]
-    path = write_tar(tmp_path / "allbad-000000.tar", members)
+    return write_tar(tmp_path / "allbad-000000.tar", members)
+
+
+def test_a_set_where_every_sample_is_bad_raises_the_budget_error_even_below_min_samples(tmp_path):
+    path = all_bad_shard(tmp_path)
     # The shipped defaults: 5% of at least 1000 samples; 6 bad of 6 read still stops the run.
     datamodule = datamodule_for(str(path), skip_budget=0.05, skip_budget_min_samples=1000)
     with pytest.raises(DataBudgetError) as caught:
@@ -208,10 +213,7 @@ def test_a_set_where_every_sample_is_bad_raises_the_budget_error_even_below_min_
 
 def test_all_bad_under_a_disabled_budget_says_no_batch_and_what_was_skipped(tmp_path):
     """skip_budget=1.0 turns the budget off; an epoch without a batch must still say why."""
-    members: Members = []
-    for i in range(6):
-        members += [(f"bad{i}.jpg", corrupt_jpeg(i)), (f"bad{i}.txt", b"corrupt")]
-    path = write_tar(tmp_path / "allbad-000000.tar", members)
+    path = all_bad_shard(tmp_path)
     datamodule = datamodule_for(str(path), skip_budget=1.0, skip_budget_min_samples=0)
     with pytest.raises(RuntimeError, match="epoch 0 gave no batch of 4") as caught:
         next(iter(datamodule.train_dataloader()))

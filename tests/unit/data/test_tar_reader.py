@@ -42,15 +42,12 @@ def write_tar(path: Path, members: Members, mode: str = "w") -> Path:
 
 def three_samples() -> Members:
     """000000..000002, each .jpg (1500 B, several blocks), .txt and .json."""
-    members = []
-    for i in range(3):
-        key = f"{i:06d}"
-        members += [
-            (f"{key}.jpg", payload(i, 1500)),
-            (f"{key}.txt", f"caption {i}".encode()),
-            (f"{key}.json", b'{"i": %d}' % i),
-        ]
-    return members
+    return [
+        member
+        for i in range(3)
+        for member in ((f"{i:06d}.jpg", payload(i, 1500)), (f"{i:06d}.txt", f"caption {i}".encode()),
+                       (f"{i:06d}.json", b'{"i": %d}' % i))
+    ]
 
 
 def samples_of(members: Members, url: str) -> list[RawSample]:

@@ -1,0 +1,63 @@
+"""Cross-field checks of how training runs: strategy (DDP / ZeRO stages and their options), batch
+arithmetic, checkpoint retention and the non-finite guard."""
+
+from __future__ import annotations
+
+from sd3train.config.schema import TrainConfig
+
+STRATEGIES = ("ddp", "deepspeed")
+BACKENDS = (None, "nccl", "gloo", "mpi")
+
+
+def strategy_problems(cfg: TrainConfig) -> list[str]:
+    strategy, trainer = cfg.strategy, cfg.trainer
+    problems: list[str] = []
+    if strategy.name not in STRATEGIES:
+        problems.append(f"strategy.name: {strategy.name!r} is not one of {', '.join(STRATEGIES)}")
+    elif strategy.name == "ddp":
+        if strategy.zero_stage != 0:
+            problems.append(f"strategy.zero_stage: {strategy.zero_stage} needs strategy.name=deepspeed "
+                            "(use strategy=zero1|zero2|zero3)")
+        for option in ("offload_optimizer", "offload_parameters"):
+            if getattr(strategy, option):
+                problems.append(f"strategy.{option}: needs a ZeRO strategy (strategy=zero3_offload)")
+    else:
+        if strategy.zero_stage not in (1, 2, 3):
+            problems.append(f"strategy.zero_stage: must be 1, 2 or 3 with deepspeed, got {strategy.zero_stage}")
+        if strategy.offload_parameters and strategy.zero_stage != 3:
+            problems.append(f"strategy.offload_parameters: only ZeRO stage 3 shards parameters, "
+                            f"strategy.zero_stage is {strategy.zero_stage}")
+        if trainer.precision.startswith("16") and trainer.accelerator == "cpu":
+            problems.append(f"trainer.precision: {trainer.precision} is refused by DeepSpeed on CPU; use bf16-mixed or 32-true")
+    if strategy.process_group_backend not in BACKENDS:
+        problems.append(f"strategy.process_group_backend: {strategy.process_group_backend!r} is not one of "
+                        f"{', '.join(str(b) for b in BACKENDS)}")
+    for name in ("reduce_bucket_size", "allgather_bucket_size"):
+        if getattr(strategy, name) < 1:
+            problems.append(f"strategy.{name}: must be >= 1, got {getattr(strategy, name)}")
+    return problems
+
+
+def trainer_problems(cfg: TrainConfig) -> list[str]:
+    trainer = cfg.trainer
+    problems: list[str] = []
+    for name in ("accumulate_grad_batches", "devices", "num_nodes", "max_nonfinite_steps"):
+        if getattr(trainer, name) < 1:
+            problems.append(f"trainer.{name}: must be >= 1, got {getattr(trainer, name)}")
+    if trainer.keep_checkpoints < 2:
+        problems.append(f"trainer.keep_checkpoints: must be >= 2 (a crash while writing the newest must leave "
+                        f"an older complete one), got {trainer.keep_checkpoints}")
+    if trainer.checkpoint_every_n_steps < 1:
+        problems.append(f"trainer.checkpoint_every_n_steps: must be >= 1, got {trainer.checkpoint_every_n_steps}")
+    if any(step < 1 for step in trainer.debug_nan_loss_steps):
+        problems.append(f"trainer.debug_nan_loss_steps: steps are 1-based, got {trainer.debug_nan_loss_steps}")
+    if trainer.global_batch_size is not None:
+        world = trainer.devices * trainer.num_nodes
+        actual = cfg.data.batch_size * trainer.accumulate_grad_batches * world
+        if actual != trainer.global_batch_size:
+            problems.append(
+                f"trainer.global_batch_size: {trainer.global_batch_size} != data.batch_size {cfg.data.batch_size} x "
+                f"trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} x trainer.devices "
+                f"{trainer.devices} x trainer.num_nodes {trainer.num_nodes} = {actual}"
+            )
+    return problems
