@@ -1,10 +1,11 @@
 """Export a checkpoint as a diffusers pipeline folder or as one Stability-style safetensors file.
 
-    sd3train-export checkpoint=runs/tiny_cpu/main/checkpoints/last.ckpt format=diffusers out=exports/tiny
-    sd3train-export checkpoint=runs/.../last.ckpt format=single_file out=exports/tiny.safetensors dtype=bf16
+    sd3train-export checkpoint=runs/tiny_cpu/main/checkpoints/last format=diffusers out=exports/tiny
+    sd3train-export checkpoint=runs/.../checkpoints/step-0002500 format=single_file out=exports/tiny.safetensors dtype=bf16
 
 Arguments are key=value, like Hydra overrides:
-  checkpoint     (required) our .ckpt (EMA weights when present), a single file, or a diffusers folder
+  checkpoint     (required) our checkpoint (a step directory, checkpoints/last or a .ckpt; EMA weights when
+                 present), a single file, or a diffusers folder
   format         (required) diffusers | single_file
   out            (required) the folder (diffusers) or .safetensors file (single_file) to write
   dtype          fp32 | bf16 | fp16 (default fp32)

@@ -1,11 +1,12 @@
 """Sample images from a training checkpoint: PNGs plus samples.jsonl (prompt, seed, file).
 
-    sd3train-sample checkpoint=runs/tiny_cpu/main/checkpoints/last.ckpt \
+    sd3train-sample checkpoint=runs/tiny_cpu/main/checkpoints/last \
         prompts='["a red circle on a white background"]' seeds='[0]' out=samples/
 
 Arguments are key=value, like Hydra overrides:
-  checkpoint      (required) a .ckpt written by sd3train-train; its config is stored inside it
-  out             output folder (default: <run dir>/samples/<checkpoint name>)
+  checkpoint      (required) a checkpoint written by sd3train-train: a step directory
+                  (checkpoints/step-NNNNNNN), checkpoints/last, or a .ckpt; its config is stored inside it
+  out             output folder (default: <run dir>/samples/<checkpoint name>, e.g. samples/step-0000100)
   prompts         list of prompts (default: the run's eval.prompts)
   prompt_file     text file with one prompt per line (instead of prompts)
   seeds           list of seeds, one per prompt (default: eval.seed, eval.seed + 1, ...)
@@ -18,6 +19,7 @@ Arguments are key=value, like Hydra overrides:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sd3train.cli import fail, parse_key_values
@@ -32,10 +34,22 @@ def _fail(message: str) -> None:
     fail(PROG, message)
 
 
+def default_out_dir(checkpoint: Path) -> Path:
+    """<run dir>/samples/<checkpoint name>: step-NNNNNNN for a step directory, for `last` (the step it
+    points to) and for the checkpoint.ckpt inside one; the file's stem for a plain .ckpt."""
+    from sd3train.checkpoint.formats import TRAINING_CHECKPOINT_FILE
+
+    if checkpoint.name == TRAINING_CHECKPOINT_FILE:
+        checkpoint = checkpoint.parent
+    if checkpoint.is_symlink():  # checkpoints/last -> step-NNNNNNN
+        checkpoint = checkpoint.parent / Path(os.readlink(checkpoint)).name
+    return checkpoint.parent.parent / "samples" / checkpoint.stem
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_key_values(argv, prog=PROG, allowed=ALLOWED, required=("checkpoint",))
     checkpoint_path = Path(args["checkpoint"])
-    if not checkpoint_path.is_file():
+    if not checkpoint_path.exists():
         _fail(f"checkpoint {checkpoint_path} does not exist")
 
     import dataclasses
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     latents = generate_latents(model, module.text, prompts, seeds, (cfg.vae.latent_channels, side, side),
                                cfg.diffusion.sampler)
     images = decode_to_uint8(module.vae, latents)
-    out_dir = Path(args["out"]) if "out" in args else checkpoint_path.parent.parent / "samples" / checkpoint_path.stem
+    out_dir = Path(args["out"]) if "out" in args else default_out_dir(checkpoint_path)
     manifest = write_samples(out_dir, images, prompts, seeds)
     print(f"wrote {len(images)} images and {manifest}")
 

@@ -23,7 +23,10 @@ from sd3train.config.overrides import normalise_overrides
 from sd3train.config.typed import ConfigError, to_plain
 from sd3train.config.validate import load_config
 
+# Exit statuses (README, "Exit statuses"); NonFiniteError gives 3 (sd3train/lit/nonfinite.py).
 CONFIG_EXIT_CODE = 2
+OOM_EXIT_CODE = 4
+DATA_BUDGET_EXIT_CODE = 5
 # An absolute path: Hydra resolves a relative one against the package when run as a console script.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -34,12 +37,41 @@ def run_dir_of(cfg: TrainConfig) -> Path:
 
 
 def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> str | None:
+    """The checkpoint `trainer.fit` resumes from: for `trainer.resume=auto` the newest complete one
+    in run_dir/checkpoints (None for a fresh run), for a path the checkpoint it names (a step
+    directory, checkpoints/last, a checkpoint.ckpt or another .ckpt). ConfigError for a named step
+    directory that was never completed."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    from sd3train.lit.checkpointing import (
+        IncompleteCheckpointError,
+        complete_checkpoints,
+        latest_complete_checkpoint,
+        resolve_resume_path,
+        step_of,
+    )
+
+    checkpoint_dir = run_dir / "checkpoints"
     if cfg.trainer.resume == "never":
         return None
-    if cfg.trainer.resume != "auto":
-        return cfg.trainer.resume
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    if cfg.trainer.resume == "auto":
+        latest = latest_complete_checkpoint(checkpoint_dir)
+        if latest is None and checkpoint_dir.is_dir():
+            legacy = sorted(path.name for path in checkpoint_dir.glob("*.ckpt"))
+            if legacy:
+                rank_zero_warn(f"{checkpoint_dir} holds {', '.join(legacy)} from an older sd3train (no {checkpoint_dir}"
+                               "/step-*/COMPLETE): starting afresh; pass trainer.resume=PATH to continue from one")
+        return None if latest is None else str(latest)
+    try:
+        path = resolve_resume_path(cfg.trainer.resume)
+    except IncompleteCheckpointError as error:
+        raise ConfigError([f"trainer.resume: {error}"]) from error
+    named = step_of(path.parent.resolve()) if path.name == "checkpoint.ckpt" else None
+    newer = [step for step, _ in complete_checkpoints(checkpoint_dir) if named is not None and step > named]
+    if newer:
+        rank_zero_warn(f"resuming from step {named} while {checkpoint_dir} holds newer checkpoints "
+                       f"(steps {newer}); a later trainer.resume=auto picks the newest of all")
+    return str(path)
 
 
 def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
@@ -47,10 +79,9 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
     os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
     # Heavy imports only after the config is known to be good.
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from sd3train.data.datamodule import ShardDataModule
     from sd3train.lit.callbacks import DataMetrics, PreviewAndEvaluate, StepProgressBar
+    from sd3train.lit.checkpointing import AtomicCheckpoint
     from sd3train.lit.loggers import build_loggers
     from sd3train.lit.module import SD3LitModule
     from sd3train.lit.strategy import build_strategy
@@ -60,6 +91,7 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))))
+    ckpt_path = resume_checkpoint(cfg, run_dir)  # before anything is built: a bad path fails at once
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
     # Shards are checked before the models are built: a wrong path fails in seconds.
@@ -69,10 +101,8 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
     trainer_cfg = cfg.trainer
     callbacks = [
         DataMetrics(trainer_cfg.log_every_n_steps),
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
-            every_n_train_steps=trainer_cfg.checkpoint_every_n_steps, save_top_k=-1, save_last=True,
-        ),
+        # checkpoints/step-NNNNNNN/ (staged, marker last, renamed into place) and checkpoints/last.
+        AtomicCheckpoint(run_dir, cfg, trainer_cfg.checkpoint_every_n_steps, trainer_cfg.keep_checkpoints),
         PreviewAndEvaluate(
             run_dir, cfg.eval.prompts, cfg.eval.seed, cfg.eval.sample_every_n_steps, cfg.eval.num_colour_prompts
         ),
@@ -99,9 +129,10 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
         logger=build_loggers(cfg, run_dir),
         enable_progress_bar=trainer_cfg.progress_bar,
         enable_model_summary=False,
+        enable_checkpointing=True,  # by AtomicCheckpoint, in place of Lightning's ModelCheckpoint
         default_root_dir=run_dir,
     )
-    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
@@ -111,7 +142,35 @@ def _hydra_main(raw: DictConfig) -> None:
     except ConfigError as error:
         print(f"sd3train-train: {error}", file=sys.stderr)
         sys.exit(CONFIG_EXIT_CODE)
-    fit(cfg)
+    sys.exit(run_guarded(cfg))
+
+
+def run_guarded(cfg: TrainConfig) -> int:
+    """`fit(cfg)`, turning the failures we expect into documented exit statuses (README)."""
+    import torch
+
+    from sd3train.data.skips import DataBudgetError
+    from sd3train.lit.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError
+
+    try:
+        fit(cfg)
+    except ConfigError as error:  # found once the run directory is known (trainer.resume)
+        print(f"sd3train-train: {error}", file=sys.stderr)
+        return CONFIG_EXIT_CODE
+    except NonFiniteError as error:
+        print(f"sd3train-train: {error}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
+    except torch.OutOfMemoryError as error:
+        rank = os.environ.get("RANK", "0")
+        summary = torch.cuda.memory_summary(abbreviated=True) if torch.cuda.is_available() else "(no CUDA device)"
+        print(f"sd3train-train: out of memory on rank {rank}: {str(error).splitlines()[0]}\n{summary}\n"
+              "No checkpoint was written for the failed step; lower data.batch_size, turn on "
+              "model.activation_checkpointing, or shard more (strategy=zero2|zero3).", file=sys.stderr)
+        return OOM_EXIT_CODE
+    except DataBudgetError as error:
+        print(f"sd3train-train: {error}", file=sys.stderr)
+        return DATA_BUDGET_EXIT_CODE
+    return 0
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Reading and writing weight files: safetensors (single, sharded with an index), Lightning .ckpt.
+"""Reading and writing weight files: safetensors (single, sharded with an index), Lightning checkpoints
+(a .ckpt file, a DeepSpeed checkpoint directory, a published step directory).
 
 Every read error names the file: a truncated or corrupt safetensors file fails here with its path,
 never deep inside torch. Writes are atomic: a temporary sibling, then a rename, so a crash leaves
@@ -7,8 +8,10 @@ either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -18,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sd3train.checkpoint.errors import CheckpointError
+from sd3train.checkpoint.formats import COMPLETE_MARKER, TRAINING_CHECKPOINT_FILE
 
 # Weight files of one diffusers / transformers component folder, in the order they are looked for.
 INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
@@ -122,13 +126,78 @@ def torch_load(file: Path, *, weights_only: bool, what: str) -> object:
         raise CheckpointError(f"cannot read {what} {file}: {type(error).__name__}: {error}") from error
 
 
+# What DeepSpeed keeps beside Lightning's own state in a ZeRO model-states file.
+DEEPSPEED_STATE_KEYS = frozenset({
+    "module", "optimizer", "lr_scheduler", "csr_tensor_module_names", "skipped_steps", "global_steps",
+    "global_samples", "dp_world_size", "mp_world_size", "buffer_names", "param_shapes", "frozen_param_shapes",
+    "frozen_param_fragments", "shared_params", "ds_config", "ds_version", "data_sampler", "random_ltd",
+    "checkpoint_parallel_dimensions",
+})
+
+
+def training_checkpoint_file(path: Path) -> Path:
+    """The Lightning checkpoint that `path` names: a published step directory (or the `last`
+    symlink to one) gives the `checkpoint.ckpt` inside it, which must carry its COMPLETE marker;
+    any other path is returned as it is. CheckpointError for a step directory that was never
+    completed (a run stopped while writing it)."""
+    path = Path(path)
+    inner = path / TRAINING_CHECKPOINT_FILE
+    if not path.is_dir() or not inner.exists():
+        return path
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker): the run stopped while writing "
+            f"it. Use an older step directory, or {inner} itself if you know it is whole."
+        )
+    return inner
+
+
+def read_zero_checkpoint(folder: Path) -> dict:
+    """A DeepSpeed ZeRO checkpoint directory (what Lightning's DeepSpeed strategy saves as `*.ckpt/`)
+    consolidated in memory into a Lightning checkpoint dict: fp32 `state_dict` gathered from every
+    rank's shards (the `_forward_module.` wrapper prefix removed), plus the Lightning state saved
+    beside it (global_step, sd3train_config, ...)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+            get_model_state_file,
+            get_optim_files,
+        )
+    except ImportError as error:
+        raise CheckpointError(f"{folder} is a DeepSpeed checkpoint directory; reading it needs deepspeed "
+                              f"installed ({error})") from error
+    latest = folder / "latest"
+    if not latest.is_file():
+        raise CheckpointError(f"{folder} is a directory but not a DeepSpeed checkpoint (no 'latest' file)")
+    try:
+        tag_dir = folder / latest.read_text().strip()
+        with contextlib.redirect_stdout(sys.stderr):  # deepspeed prints its progress
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(folder))
+        optim = torch.load(get_optim_files(str(tag_dir))[0], map_location="cpu", weights_only=False)
+        model_file = get_model_state_file(str(tag_dir), optim["optimizer_state_dict"]["zero_stage"])
+        client_state = torch.load(model_file, map_location="cpu", weights_only=False)
+    except Exception as error:  # deepspeed raises ValueError, FileNotFoundError, pickle and zip errors
+        raise CheckpointError(f"cannot read DeepSpeed checkpoint {folder}: {type(error).__name__}: {error}") from error
+    checkpoint = {key: value for key, value in client_state.items() if key not in DEEPSPEED_STATE_KEYS}
+    prefix = "_forward_module."
+    checkpoint["state_dict"] = {key[len(prefix):] if key.startswith(prefix) else key: value
+                                for key, value in state_dict.items()}
+    return checkpoint
+
+
 def read_lightning_checkpoint(file: Path) -> dict:
-    """A Lightning .ckpt written by sd3train-train, memory-mapped so tensors are paged in on use.
+    """A Lightning checkpoint written by sd3train-train: a .ckpt file (memory-mapped, so tensors are
+    paged in on use), a DeepSpeed checkpoint directory (consolidated to fp32), or a published step
+    directory / `last` holding either (see `training_checkpoint_file`).
 
     Unpickled with weights_only=False: the checkpoint is our own format and holds optimizer and
     loop state objects. Do not load .ckpt files from untrusted sources.
     """
-    checkpoint = torch_load(file, weights_only=False, what="checkpoint")
+    file = training_checkpoint_file(Path(file))
+    if file.is_dir():
+        checkpoint = read_zero_checkpoint(file)
+    else:
+        checkpoint = torch_load(file, weights_only=False, what="checkpoint")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{file} is not a Lightning checkpoint (no state_dict)")
     return checkpoint

@@ -8,7 +8,10 @@ Four layouts are read:
   pipeline     a diffusers pipeline folder: transformer/, vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/.
   component    one diffusers (or transformers) component folder: config.json + safetensors.
   lightning    a .ckpt from sd3train-train: state_dict with mmdit.*, ema.shadow.*, vae.*, text.*
-               and the training config under `sd3train_config`.
+               and the training config under `sd3train_config`. sd3train-train publishes each one
+               as a step directory, runs/<exp>/<run>/checkpoints/step-NNNNNNN/ (or the `last`
+               symlink to the newest), holding checkpoint.ckpt (a file, or a DeepSpeed ZeRO
+               directory), config.yaml and the COMPLETE marker; either path is read as this layout.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ TEXT_PREFIXES = {
 # Safetensors metadata key under which sd3train's exports store what weights cannot tell
 # (head count, VAE group count and factors, encoder configs, tokenizer lengths, sampler shift).
 METADATA_KEY = "sd3train"
+
+# A published training checkpoint directory (see `sd3train.lit.checkpointing`): the Lightning
+# checkpoint, the resolved config beside it, and the marker written last.
+TRAINING_CHECKPOINT_FILE = "checkpoint.ckpt"
+TRAINING_CONFIG_FILE = "config.yaml"
+COMPLETE_MARKER = "COMPLETE"
 
 # Prefixes in sd3train's Lightning state_dict.
 LIGHTNING_PREFIXES = {"transformer": "mmdit.", "ema": "ema.shadow.", "vae": "vae.", "text": "text."}
@@ -77,6 +86,9 @@ def detect(path: str | Path) -> Source:
         if path.suffix in (".ckpt", ".pt", ".pth"):
             return Source(LIGHTNING, path)
         return Source(SINGLE_FILE, path)  # read as safetensors; a non-safetensors file fails naming itself
+    # A published step directory (or `last`), or a DeepSpeed checkpoint directory `*.ckpt/`.
+    if (path / TRAINING_CHECKPOINT_FILE).exists() or path.suffix == ".ckpt":
+        return Source(LIGHTNING, path)
     if (path / "model_index.json").is_file() or any(
         (path / PIPELINE_SUBFOLDERS[name] / "config.json").is_file() for name in ("transformer", "vae")
     ):

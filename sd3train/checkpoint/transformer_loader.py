@@ -3,7 +3,7 @@
     from sd3train.checkpoint import load_transformer
     model = load_transformer("sd3.5_medium.safetensors", dtype=torch.bfloat16)   # Stability single file
     model = load_transformer("stable-diffusion-3.5-large/")                    # diffusers pipeline
-    model = load_transformer("runs/tiny_cpu/main/checkpoints/last.ckpt")       # ours (EMA weights)
+    model = load_transformer("runs/tiny_cpu/main/checkpoints/last")            # ours (EMA weights)
 """
 
 from __future__ import annotations

@@ -278,6 +278,9 @@ class TrainerConfig:
     max_nonfinite_steps: int = 3
     # Debugging the guard: make the loss NaN at these optimizer steps (1-based).
     debug_nan_loss_steps: list[int] = field(default_factory=list)
+    # Debugging checkpoint safety: pause this long after a checkpoint is written, before it is
+    # published (a test kills the run there).
+    debug_checkpoint_delay_s: float = 0.0
 
 
 @dataclass

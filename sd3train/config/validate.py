@@ -173,8 +173,11 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"trainer.max_steps: must be >= 1, got {trainer.max_steps}")
     if trainer.precision not in PRECISIONS:
         problems.append(f"trainer.precision: {trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if trainer.resume not in ("auto", "never") and not Path(trainer.resume).is_file():
-        problems.append(f"trainer.resume: {trainer.resume!r} is neither 'auto', 'never' nor an existing checkpoint file")
+    # A checkpoint is a step directory (checkpoints/step-NNNNNNN, checkpoints/last), a .ckpt file, or
+    # a DeepSpeed .ckpt directory; sd3train.train.resume_checkpoint checks a step directory is complete.
+    if trainer.resume not in ("auto", "never") and not Path(trainer.resume).exists():
+        problems.append(f"trainer.resume: {trainer.resume!r} is neither 'auto', 'never' nor an existing checkpoint "
+                        "(a step directory, checkpoints/last or a .ckpt)")
     if cfg.logger.wandb_mode not in WANDB_MODES:
         problems.append(f"logger.wandb_mode: {cfg.logger.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}")
     problems.extend(missing_weight_paths(cfg))

@@ -141,7 +141,7 @@ class ShardResult:
 class Precomputer:
     """Turns one source shard into one cache shard."""
 
-    def __init__(self, cfg, encoders: Encoders, dtype_name: str, batch_size: int):
+    def __init__(self, cfg, encoders: Encoders, dtype_name: str, batch_size: int, keep_truncated: bool = False):
         from sd3train.data.cache_format import DTYPES
         from sd3train.data.captions import CaptionField
         from sd3train.data.datamodule import build_decoder
@@ -152,6 +152,9 @@ class Precomputer:
         self.encoders = encoders
         self.dtype = DTYPES[dtype_name]
         self.batch_size = batch_size
+        # A truncated source is usually a transient read failure (a reset pipe): publishing its
+        # first half would make every rerun skip the shard. Only kept when asked.
+        self.keep_truncated = keep_truncated
 
     def _records(self, items: list[_Item]) -> list[dict]:
         import torch
@@ -187,7 +190,7 @@ class Precomputer:
 
         from sd3train.data.decoders import Skip
         from sd3train.data.shards import TAR_GROUP, TAR_MODE, TAR_MTIME, TAR_USER
-        from sd3train.data.skips import UNREADABLE_SHARD
+        from sd3train.data.skips import TRUNCATED_SHARD, UNREADABLE_SHARD
         from sd3train.data.tar_reader import ShardProblem, read_shard
 
         result = ShardResult()
@@ -207,8 +210,10 @@ class Precomputer:
                 for event in read_shard(url):
                     if isinstance(event, ShardProblem):
                         result.skip(event.reason, event.key, event.detail)
-                        if event.reason == UNREADABLE_SHARD:
-                            result.failure = event.detail
+                        if event.reason == UNREADABLE_SHARD or (
+                            event.reason == TRUNCATED_SHARD and not self.keep_truncated
+                        ):
+                            result.failure = f"{event.reason}: {event.detail}"
                         continue
                     decoded = self.decoder.decode(event, 0)
                     if isinstance(decoded, Skip):

@@ -18,7 +18,8 @@ Tasks never talk to each other.
 
 Per source shard, `DIR/<its basename>` (a `.tar.gz` source gives a `.tar`) holds the same keys in
 the same order, minus the samples that cannot be used (counted per reason and reported; a
-truncated source keeps the samples before the cut, an unreadable one gets no output); layout in
+truncated or unreadable source gets no output and exit status 1, so a rerun retries it;
+`--keep-truncated` publishes the samples before the cut instead); layout in
 `sd3train/data/cache_format.py`. Images are decoded as validation decodes them (centre crop, no
 flip) at their aspect bucket; the original caption and, with `data.synthetic_caption_key`, the
 synthetic one are both encoded. Samples are batched per bucket (`--batch-size`), at most
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="samples per encoder batch (default 16)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the encoders run (auto: cuda when available)")
+    parser.add_argument("--keep-truncated", action="store_true",
+                        help="publish the samples before the cut of a truncated source shard (default: the "
+                             "shard fails, nothing is written for it, and a rerun retries it)")
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                         help="Hydra overrides, as for sd3train-train (experiment=..., data.shards=...)")
     return parser
@@ -275,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
     samples, skipped, examples, failed = 0, Counter(), {}, []
     start = time.perf_counter()
     if todo:
-        precomputer = Precomputer(cfg, Encoders(cfg, device), args.dtype, args.batch_size)
+        precomputer = Precomputer(cfg, Encoders(cfg, device), args.dtype, args.batch_size, args.keep_truncated)
         start = time.perf_counter()  # samples/s below is the encoding rate, model loading left out
         for number, (url, name) in enumerate(todo, 1):
             shard_start = time.perf_counter()

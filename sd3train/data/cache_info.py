@@ -84,8 +84,9 @@ def training_cache_problems(cfg) -> list[str]:
     """Differences between the config and the cache_info.json beside the (local) cache shards."""
     if not cfg.data.cached:
         return []
+    specs = [source.shards for source in cfg.data.sources] or [cfg.data.shards]
     try:
-        urls = resolve_shard_urls(cfg.data.shards)
+        urls = [url for spec in specs for url in resolve_shard_urls(spec)]
     except ValueError:
         return []  # reported by the data checks
     folders = sorted({str(Path(url).parent) for url in urls if not is_url(url) and Path(url).is_file()})

@@ -36,14 +36,14 @@ from sd3train.data.buckets import make_buckets, square_bucket
 from sd3train.data.captions import CaptionField
 from sd3train.data.decoders import ImageDecoder, parse_extensions
 from sd3train.data.loaders import TrainBatches, TrainShardStream, ValShardStream
-from sd3train.data.skips import REASONS, load_blocklist
+from sd3train.data.skips import REASONS, SkipLedger, load_blocklist
 from sd3train.data.sources import ShardPlan, Source, missing_local_shards, resolve_shard_urls
-from sd3train.data.stream import DATA_KEY, Replay, StreamSpec
+from sd3train.data.stream import DATA_KEY, Replay, StreamSpec, keys_digest
 from sd3train.paths import REPO_ROOT, resolve_repo_path
 
 __all__ = ["REPO_ROOT", "ShardDataModule", "resolve_shard_urls", "build_decoder", "build_plan"]
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 # Settings the stream is a function of: resuming under other values would not continue it.
 STREAM_FIELDS = (
     "shards", "sources", "resolution", "aspect_buckets", "bucket_step", "max_aspect_ratio", "random_crop",
@@ -126,9 +126,9 @@ class ShardDataModule(lightning.LightningDataModule):
         self._reset_position(epoch=0)
         self.batches_consumed = 0
         self.samples_consumed = 0
-        self.samples_read = 0
-        self.skipped: Counter[str] = Counter()
+        self.ledger = SkipLedger("rank 0")
         self._tails: dict[tuple[int, int], dict[str, Any]] = {}  # see record_tail
+        self._tails_counted: set[tuple[int, int]] = set()
         self._loaded: Optional[dict[str, Any]] = None  # a loaded state, applied in train_dataloader
         self._resume_epoch: Optional[int] = None
         self._train_batches: Optional[weakref.ref] = None
@@ -138,7 +138,8 @@ class ShardDataModule(lightning.LightningDataModule):
         self.epoch = epoch
         workers = max(1, self.cfg.num_workers)
         self.consumed_in_epoch = [0] * workers
-        self.failed_keys: list[list[str]] = [[] for _ in range(workers)]
+        self.failed: list[list[tuple[str, str]]] = [[] for _ in range(workers)]
+        self.last_keys: list[Optional[str]] = [None] * workers  # digest of each worker's last consumed batch
         self.last_worker: Optional[int] = None
 
     @property
@@ -146,12 +147,20 @@ class ShardDataModule(lightning.LightningDataModule):
         return sum(self.consumed_in_epoch)
 
     @property
+    def skipped(self) -> Counter:
+        return self.ledger.reasons
+
+    @property
+    def samples_read(self) -> int:
+        return self.ledger.read
+
+    @property
     def shard_spec(self) -> str:
         return " + ".join(f"{s.shards} (weight {s.weight})" for s in self.cfg.sources) if self.cfg.sources else self.cfg.shards
 
-    def _count(self, cursor: dict[str, Any]) -> None:
-        self.samples_read += cursor["read"]
-        self.skipped.update(cursor["skipped"])
+    def _count(self, report: dict[str, Any], final: bool = False) -> None:
+        self.ledger.add(report)
+        self.ledger.check_budget(self.cfg.skip_budget, self.cfg.skip_budget_min_samples, final=final)
 
     def consume(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Record that `batch` reaches training; returns it without its bookkeeping."""
@@ -159,31 +168,33 @@ class ShardDataModule(lightning.LightningDataModule):
         if cursor is None:
             return batch
         if cursor["epoch"] != self.epoch:
-            for tail in self._tails.values():  # the old epoch's last counts, had they not been applied
-                self._count(tail)
-            self._tails = {}
+            for key in [key for key in self._tails if key[0] < cursor["epoch"]]:
+                self._count(self._tails.pop(key))  # the old epoch's last counts, had they not been applied
             self._reset_position(cursor["epoch"])
         worker = cursor["worker"]
         self.consumed_in_epoch[worker] = cursor["index"]
-        self.failed_keys[worker].extend(cursor["failed_keys"])
+        self.failed[worker].extend(tuple(pair) for pair in cursor["failed"])
+        self.last_keys[worker] = keys_digest(batch["keys"])
         self.last_worker = worker
         self.batches_consumed += 1
         self.samples_consumed += len(batch["keys"])
         self._count(cursor)
         tail = self._tails.get((cursor["epoch"], worker))
         if tail is not None and tail["index"] == cursor["index"]:
-            self._count(self._tails.pop((cursor["epoch"], worker)))
+            self._apply_tail(self._tails.pop((cursor["epoch"], worker)))
         return batch
 
-    def record_tail(self, cursor: dict[str, Any]) -> None:
-        """A worker's counts after its last batch of an epoch: applied once that batch is consumed.
+    def _apply_tail(self, cursor: dict[str, Any]) -> None:
+        self._tails_counted.add((cursor["epoch"], cursor["worker"]))
+        self._count(cursor, final=True)
 
-        Not saved in checkpoints: a resumed worker reads those samples again and sends them again.
-        """
+    def record_tail(self, cursor: dict[str, Any]) -> None:
+        """A worker's counts after its last batch of an epoch: applied once that batch is consumed
+        (a resumed worker does not send them again once they were)."""
         worker = cursor["worker"]
         consumed = self.consumed_in_epoch[worker] if cursor["epoch"] == self.epoch else 0
         if cursor["index"] == 0 or (cursor["epoch"] == self.epoch and consumed >= cursor["index"]):
-            self._count(cursor)
+            self._apply_tail(cursor)
         else:
             self._tails[(cursor["epoch"], worker)] = cursor
 
@@ -192,15 +203,18 @@ class ShardDataModule(lightning.LightningDataModule):
 
     def resume_point(self) -> tuple[int, dict[int, Replay]]:
         """The epoch to stream next and, for a part-way epoch, where each worker picks up."""
-        if not any(self.consumed_in_epoch):
+        counted = {worker for epoch, worker in self._tails_counted if epoch == self.epoch}
+        if not any(self.consumed_in_epoch) and not counted:
             return self.epoch, {}
         self._resume_epoch = self.epoch
         replays = {
             worker: Replay(
                 skip_batches=self.consumed_in_epoch[worker],
-                failed_keys=frozenset(self.failed_keys[worker]),
+                failed=frozenset(self.failed[worker]),
                 # Workers up to the last one served have had their turn in this round-robin cycle.
                 placeholder=self.last_worker is not None and worker <= self.last_worker,
+                last_keys=self.last_keys[worker],
+                tail_counted=worker in counted,
             )
             for worker in range(len(self.consumed_in_epoch))
         }
@@ -213,10 +227,10 @@ class ShardDataModule(lightning.LightningDataModule):
     def _check_local(self, urls: list[str], what: str) -> None:
         missing = missing_local_shards(urls)
         if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(urls)} {what} shard(s) missing, first {missing[0]}; the shapes "
-                "dataset is made by `python -m sd3train.tools.make_shapes --out data/shapes`"
-            )
+            shapes = str(REPO_ROOT / "data" / "shapes") in missing[0]
+            hint = ("; the shapes dataset is made by `python -m sd3train.tools.make_shapes --out data/shapes`"
+                    if shapes else f"; check data.{'val_shards' if what == 'val' else 'shards'}")
+            raise FileNotFoundError(f"{len(missing)} of {len(urls)} {what} shard(s) missing, first {missing[0]}{hint}")
 
     def setup(self, stage: Optional[str] = None) -> None:
         for source in self.plan.sources:
@@ -231,15 +245,15 @@ class ShardDataModule(lightning.LightningDataModule):
                 f"{self.plan.num_shards} train shard(s) cannot feed {self.world_size} ranks: "
                 "every rank needs at least one shard (or set data.resampled=true)"
             )
+        self.ledger.where = f"rank {self.rank}"
         if self._loaded is not None:
             self._apply_loaded(self._loaded)
             self._loaded = None
-        blocklist = load_blocklist(resolve_repo_path(self.cfg.blocklist)) if self.cfg.blocklist else frozenset()
+        blocklist = self._blocklist()
         spec = StreamSpec(
             plan=self.plan, decoder=self.decoder, batch_size=self.cfg.batch_size,
             shuffle_buffer=self.cfg.shuffle_buffer, seed=self.seed, blocklist=blocklist,
-            drop_partial=self.cfg.drop_partial_batches, skip_budget=self.cfg.skip_budget,
-            skip_budget_min_samples=self.cfg.skip_budget_min_samples,
+            drop_partial=self.cfg.drop_partial_batches,
         )
 
         rank, world_size = self.rank, self.world_size  # not `self` in the closure: no reference cycle
@@ -259,6 +273,9 @@ class ShardDataModule(lightning.LightningDataModule):
         """The training iterable last returned by train_dataloader(), while it exists."""
         return self._train_batches() if self._train_batches is not None else None
 
+    def _blocklist(self) -> frozenset[str]:
+        return load_blocklist(resolve_repo_path(self.cfg.blocklist)) if self.cfg.blocklist else frozenset()
+
     def teardown(self, stage: Optional[str] = None) -> None:
         batches = self.train_batches
         if batches is not None:
@@ -277,16 +294,23 @@ class ShardDataModule(lightning.LightningDataModule):
         )
 
     # -------------------------------------------------------------------- state
+    def _stream_settings(self) -> dict[str, Any]:
+        settings = {name: _plain(getattr(self.cfg, name)) for name in STREAM_FIELDS}
+        blocklist = self._blocklist()
+        settings["blocklist_digest"] = keys_digest(sorted(blocklist)) if blocklist else None
+        return settings
+
     def _rank_state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "consumed_in_epoch": list(self.consumed_in_epoch),
-            "failed_keys": [list(keys) for keys in self.failed_keys],
+            "failed": [[list(pair) for pair in pairs] for pairs in self.failed],
+            "last_keys": list(self.last_keys),
             "last_worker": self.last_worker,
+            "tails_counted": sorted(worker for epoch, worker in self._tails_counted if epoch == self.epoch),
             "batches_consumed": self.batches_consumed,
             "samples_consumed": self.samples_consumed,
-            "samples_read": self.samples_read,
-            "skipped": dict(self.skipped),
+            "ledger": self.ledger.state_dict(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -298,7 +322,7 @@ class ShardDataModule(lightning.LightningDataModule):
             "version": STATE_VERSION,
             "seed": self.seed,
             "world_size": len(ranks),
-            "stream": {name: _plain(getattr(self.cfg, name)) for name in STREAM_FIELDS},
+            "stream": self._stream_settings(),
             "ranks": ranks,
         }
 
@@ -324,9 +348,11 @@ class ShardDataModule(lightning.LightningDataModule):
             changes.append(f"trainer.seed: checkpoint {state['seed']}, now {self.seed}")
         if state["world_size"] != self.world_size:
             changes.append(f"world size: checkpoint {state['world_size']} rank(s), now {self.world_size}")
+        now = self._stream_settings()
         for name, saved in state["stream"].items():
-            if name in STREAM_FIELDS and saved != _plain(getattr(self.cfg, name)):
-                changes.append(f"data.{name}: checkpoint {saved!r}, now {_plain(getattr(self.cfg, name))!r}")
+            if saved != now.get(name):
+                label = "the blocklist's content" if name == "blocklist_digest" else f"data.{name}"
+                changes.append(f"{label}: checkpoint {saved!r}, now {now.get(name)!r}")
         ranks = state["ranks"]
         mine = ranks[self.rank] if self.rank < len(ranks) else ranks[0]
         if changes:
@@ -342,21 +368,24 @@ class ShardDataModule(lightning.LightningDataModule):
         else:
             self._reset_position(mine["epoch"])
             self.consumed_in_epoch = list(mine["consumed_in_epoch"])
-            self.failed_keys = [list(keys) for keys in mine["failed_keys"]]
+            self.failed = [[tuple(pair) for pair in pairs] for pairs in mine["failed"]]
+            self.last_keys = list(mine["last_keys"])
             self.last_worker = mine["last_worker"]
+            self._tails_counted = {(self.epoch, worker) for worker in mine["tails_counted"]}
         self.batches_consumed = int(mine["batches_consumed"])
         self.samples_consumed = int(mine["samples_consumed"])
-        self.samples_read = int(mine["samples_read"])
-        self.skipped = Counter(mine["skipped"])
+        self.ledger.load_state_dict(mine["ledger"])
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict[str, float]:
         """This rank's data counters for logging: data/skipped_<reason>, data/skipped_fraction, ..."""
         metrics = {f"data/skipped_{reason}": float(self.skipped.get(reason, 0)) for reason in REASONS}
         metrics["data/samples_read"] = float(self.samples_read)
-        metrics["data/skipped_fraction"] = sum(self.skipped.values()) / max(1, self.samples_read)
-        metrics["data/epoch"] = float(self.epoch)
         return metrics
+
+    def skipped_fraction(self) -> float:
+        """Bad samples (blocklisted ones are not) over samples read, on this rank."""
+        return self.ledger.bad / max(1, self.samples_read)
 
 
 def _plain(value: Any) -> Any:

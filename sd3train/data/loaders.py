@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sd3train.data.decoders import Skip, collate
-from sd3train.data.skips import SkipLedger
 from sd3train.data.stream import DATA_KEY, Replay, StreamSpec, stream_epoch
 from sd3train.data.tar_reader import RawSample, read_shard
 
@@ -35,7 +34,6 @@ class TrainShardStream(IterableDataset):
         self.world_size = world_size
         self.replays = replays  # worker -> Replay, for the first epoch only
         self.iterations = 0  # on this copy: in a worker, the worker's own count
-        self.ledger: Optional[SkipLedger] = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.first_epoch + self.iterations
@@ -43,9 +41,7 @@ class TrainShardStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         replay = self.replays.get(worker) if self.iterations == 0 else None
         self.iterations += 1
-        if self.ledger is None:
-            self.ledger = SkipLedger(f"rank {self.rank} worker {worker}")
-        yield from stream_epoch(self.spec, epoch, self.rank, self.world_size, worker, num_workers, self.ledger, replay)
+        yield from stream_epoch(self.spec, epoch, self.rank, self.world_size, worker, num_workers, replay)
 
 
 class ValShardStream(IterableDataset):

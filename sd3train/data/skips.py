@@ -1,8 +1,10 @@
 """Bad data: samples skipped per reason, a rate-limited log, and the budget that stops a run.
 
-A skipped sample never stops training by itself; too many do. `SkipLedger.check_budget` raises
-`DataBudgetError` (naming the budget and the shard with most skips) when the bad fraction of the
-samples read passes `data.skip_budget`. Blocklisted keys are counted but are not "bad".
+A skipped sample never stops training by itself; too many do. The datamodule keeps one
+`SkipLedger` per rank, fed by the workers' reports as batches are consumed; its `check_budget`
+raises `DataBudgetError` (naming the budget and the shard with most skips) when the bad fraction
+of the samples that rank read passes `data.skip_budget`, or the fraction of shards that could not
+be read to the end does. Blocklisted keys are counted but are not "bad".
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ class DataBudgetError(RuntimeError):
     """Too large a fraction of the data is bad: the run stops rather than train on what is left."""
 
 
+# A lost shard (unreadable, or truncated) counts once among the samples; the share of lost shards
+# has a budget of its own (data.skip_budget), checked once this many shards were opened.
+SHARD_BUDGET_MIN_SHARDS = 20
+
+_logged: Counter[str] = Counter()  # per process: rate-limits the log lines of each reason
+
+
+def reset_skip_log() -> None:
+    """Start the rate limit of the skip log lines afresh (tests)."""
+    _logged.clear()
+
+
 def _should_log(count: int) -> bool:
     if count <= LOG_FIRST:
         return True
@@ -41,49 +55,74 @@ def _should_log(count: int) -> bool:
     return count == 1
 
 
+def log_skip(reason: str, url: str, key: Optional[str], detail: str = "", log: bool = True) -> None:
+    """One warning line for a skipped sample, rate-limited per reason in this process."""
+    if reason not in REASONS:
+        raise ValueError(f"unknown skip reason {reason!r}")
+    if not log or reason in NOT_BAD:
+        return
+    _logged[reason] += 1
+    if _should_log(_logged[reason]):
+        LOG.warning("skipped sample (%s, %d so far in this process): shard %s key %s%s",
+                    reason, _logged[reason], url, key, f": {detail}" if detail else "")
+
+
 class SkipLedger:
-    """Counts of samples read and skipped (per reason and per shard) in one stream."""
+    """Samples read and skipped (per reason and per shard) on one rank, from the workers' reports."""
 
     def __init__(self, where: str = ""):
-        self.where = where  # e.g. "rank 0 worker 1", for log lines
+        self.where = where  # e.g. "rank 0", for messages
         self.read = 0
         self.reasons: Counter[str] = Counter()
         self.by_shard: Counter[str] = Counter()
+        self.shards_opened = 0
+        self.shards_lost = 0
 
-    def count_read(self) -> None:
-        self.read += 1
-
-    def skip(self, reason: str, url: str, key: Optional[str], detail: str = "", log: bool = True) -> None:
-        if reason not in REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}")
-        self.reasons[reason] += 1
-        if reason not in NOT_BAD:
-            self.by_shard[url] += 1
-        if log and _should_log(self.reasons[reason]):
-            LOG.warning(
-                "skipped sample (%s, %d so far%s): shard %s key %s%s",
-                reason, self.reasons[reason], f", {self.where}" if self.where else "", url, key,
-                f": {detail}" if detail else "",
-            )
+    def add(self, report: dict) -> None:
+        self.read += report["read"]
+        self.reasons.update(report["skipped"])
+        self.by_shard.update(report.get("bad_by_shard", {}))
+        self.shards_opened += report.get("shards_opened", 0)
+        self.shards_lost += report.get("shards_lost", 0)
 
     @property
     def bad(self) -> int:
         return sum(count for reason, count in self.reasons.items() if reason not in NOT_BAD)
 
+    def _reasons(self) -> str:
+        return ", ".join(f"{reason} {count}" for reason, count in sorted(self.reasons.items()))
+
     def check_budget(self, budget: float, min_samples: int, final: bool = False) -> None:
-        """Raise DataBudgetError when bad / read > budget (once `min_samples` were read, or `final`)."""
-        if self.read == 0 or (self.read < min_samples and not final):
-            return
+        """Raise DataBudgetError when bad / read > budget (once `min_samples` were read, or when
+        `final` and nothing read was usable), or when the share of lost shards is over it."""
+        where = f" on {self.where}" if self.where else ""
         fraction = self.bad / max(1, self.read)
-        if fraction <= budget:
-            return
-        worst, worst_count = self.by_shard.most_common(1)[0]
-        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.reasons.items()))
-        raise DataBudgetError(
-            f"{self.bad} of {self.read} samples read ({fraction:.1%}) were bad{f' in {self.where}' if self.where else ''}, "
-            f"over the data.skip_budget of {budget:.1%} ({reasons}); the worst shard is {worst} "
-            f"with {worst_count} skipped. Fix or drop the bad shards, or raise data.skip_budget."
-        )
+        if self.read and fraction > budget and (self.read >= min_samples or (final and self.bad == self.read)):
+            worst, worst_count = self.by_shard.most_common(1)[0]
+            raise DataBudgetError(
+                f"{self.bad} of {self.read} samples read ({fraction:.2%}) were bad{where}, over the "
+                f"data.skip_budget of {budget:.2%} ({self._reasons()}); the worst shard is {worst} with "
+                f"{worst_count} skipped. Fix or drop the bad shards, or raise data.skip_budget."
+            )
+        lost = self.shards_lost / max(1, self.shards_opened)
+        if self.shards_opened >= SHARD_BUDGET_MIN_SHARDS and lost > budget:
+            worst, worst_count = self.by_shard.most_common(1)[0]
+            raise DataBudgetError(
+                f"{self.shards_lost} of {self.shards_opened} shards opened ({lost:.2%}) could not be read to the "
+                f"end{where}, over the data.skip_budget of {budget:.2%} ({self._reasons()}); the worst shard is "
+                f"{worst} with {worst_count} skipped. Check the shard paths or the storage."
+            )
+
+    def state_dict(self) -> dict:
+        return {"read": self.read, "reasons": dict(self.reasons), "by_shard": dict(self.by_shard),
+                "shards_opened": self.shards_opened, "shards_lost": self.shards_lost}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.read = int(state["read"])
+        self.reasons = Counter(state["reasons"])
+        self.by_shard = Counter(state["by_shard"])
+        self.shards_opened = int(state["shards_opened"])
+        self.shards_lost = int(state["shards_lost"])
 
 
 def load_blocklist(path: str | Path) -> frozenset[str]:

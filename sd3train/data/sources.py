@@ -31,6 +31,11 @@ def is_url(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
 
 
+def _local_path(spec: str) -> str:
+    # `file:/abs/x.tar` (one slash) is a local path too.
+    return spec[len("file:"):] if spec.startswith("file:") and not spec.startswith("file://") else spec
+
+
 def resolve_shard_urls(spec: str, root: Path = REPO_ROOT) -> list[str]:
     """Expand `"a-{000000..000007}.tar::b.tar"` into a list; relative local paths are taken from `root`.
 
@@ -41,6 +46,7 @@ def resolve_shard_urls(spec: str, root: Path = REPO_ROOT) -> list[str]:
         if not pattern.strip():
             continue
         for expanded in braceexpand.braceexpand(pattern.strip()):
+            expanded = _local_path(expanded)
             if is_url(expanded):
                 urls.append(expanded)
             else:

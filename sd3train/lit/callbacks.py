@@ -53,12 +53,11 @@ class DataMetrics(L.Callback):
         metrics = {"data/wait_fraction": (wait - self._window_wait) / window if window > 0 else 0.0}
         self._window_start, self._window_wait = now, wait
         pl_module.log_dict(metrics, sync_dist=True, batch_size=batch_size)
-        counters = getattr(trainer.datamodule, "metrics", None)
-        if counters is not None:
-            values = counters()
-            fraction = values.pop("data/skipped_fraction")
-            pl_module.log_dict(values, sync_dist=True, reduce_fx="sum", batch_size=batch_size)
-            pl_module.log("data/skipped_fraction", fraction, sync_dist=True, batch_size=batch_size)
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "metrics"):
+            pl_module.log_dict(datamodule.metrics(), sync_dist=True, reduce_fx="sum", batch_size=batch_size)
+            pl_module.log_dict({"data/skipped_fraction": datamodule.skipped_fraction(),
+                                "data/epoch": float(datamodule.epoch)}, sync_dist=True, batch_size=batch_size)
 
 
 class StepProgressBar(TQDMProgressBar):

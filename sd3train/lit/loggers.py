@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Optional
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -46,13 +49,29 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
+class RunWandbLogger(WandbLogger):
+    """W&B with its step set to the optimizer step.
+
+    Lightning's logger lets W&B count its own `_step`, which starts again at 0 in every process:
+    a resumed (or requeued) offline run would then write steps that go backwards for the same run
+    id, and W&B drops those on sync. With `step=global_step` a resumed run continues the curve.
+    """
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        if step is None:
+            super().log_metrics(metrics, step)
+            return
+        self.experiment.log({**metrics, "trainer/global_step": step}, step=step)
+
+
 def build_loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
         loggers.append(RunCSVLogger(run_dir))
     if cfg.logger.wandb and cfg.logger.wandb_mode != "disabled":
         loggers.append(
-            WandbLogger(
+            RunWandbLogger(
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 name=f"{cfg.experiment_name}/{cfg.run_name}",

@@ -12,6 +12,7 @@ from sd3train.diffusion.flow import binned_mean, interpolate, per_sample_mse, ve
 from sd3train.diffusion.timesteps import resolution_shift, sample_timesteps
 from sd3train.lit.ema import EMAModel
 from sd3train.lit.latent_cache import LatentMomentCache
+from sd3train.lit.nonfinite import NonFiniteGuard, SkippableAdamW
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.mmdit import MMDiT
 from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner, weight_sources
@@ -31,6 +32,7 @@ class SD3LitModule(L.LightningModule):
         self.vae = VAE.from_config(cfg.vae).requires_grad_(False).eval()
         self.text = TextConditioner.from_config(cfg.text)
         self.ema = EMAModel(self.mmdit, cfg.ema.decay) if cfg.ema.enabled else None
+        self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
         self.latent_cache = LatentMomentCache(cfg.data.latent_cache_max_samples) if cfg.data.cache_latents else None
         diffusion = cfg.diffusion
         self.train_shift = (
@@ -95,8 +97,20 @@ class SD3LitModule(L.LightningModule):
         prediction = self.mmdit(noisy, t, context, pooled, pos_offset=pos_offset)
         return per_sample_mse(prediction.float(), velocity_target(latents, noise))
 
+    def _step_stream(self, batch_idx: int) -> str:
+        # Micro-batches of one accumulated step need streams of their own.
+        accumulate = self.cfg.trainer.accumulate_grad_batches
+        return "train" if accumulate == 1 else f"train-{batch_idx % accumulate}"
+
+    def _all_ranks_finite(self, value: torch.Tensor) -> bool:
+        """True only when `value` is finite on every rank, so all ranks skip the same steps."""
+        bad = torch.tensor(0.0 if bool(torch.isfinite(value).all()) else 1.0, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return float(bad) == 0.0
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        generator = step_generator(self.cfg.trainer.seed, self.global_step, self.global_rank, "train")
+        generator = step_generator(self.cfg.trainer.seed, self.global_step, self.global_rank, self._step_stream(batch_idx))
         latents, context, pooled = self._encode_batch(batch, generator)
         diffusion = self.cfg.diffusion
         t = sample_timesteps(
@@ -113,10 +127,15 @@ class SD3LitModule(L.LightningModule):
                 self.mmdit.pos_embed_max_size, generator, region=self.cfg.model.pos_embed_crop_region,
             )
         losses = self._flow_loss(latents, context, pooled, t, noise, pos_offset)
+        if self.global_step + 1 in self.cfg.trainer.debug_nan_loss_steps:
+            losses = losses * torch.tensor(float("nan"), device=losses.device)  # the guard's test hook
         loss = losses.mean()
-        sums, counts = binned_mean(losses.detach().double(), t, diffusion.num_loss_bins)
-        self.bin_sums += sums.to(self.bin_sums)
-        self.bin_counts += counts.to(self.bin_counts)
+        finite = self._all_ranks_finite(loss.detach())
+        self.guard.observe_loss(finite)
+        if finite:
+            sums, counts = binned_mean(losses.detach().double(), t, diffusion.num_loss_bins)
+            self.bin_sums += sums.to(self.bin_sums)
+            self.bin_counts += counts.to(self.bin_counts)
         batch_size = latents.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
@@ -124,11 +143,26 @@ class SD3LitModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.mmdit.parameters() if p.grad is not None]
+        grad_finite = True
         if grads:  # the norm before clipping, which is what shows an instability coming
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", norm)
+            grad_finite = self._all_ranks_finite(norm.detach())
+        skip = self.guard.decide(grad_finite)
+        for inner in _inner_optimizers(optimizer):
+            inner.skip_update = skip
+        self.log("train/nonfinite_steps", float(self.guard.total))
+
+    @property
+    def last_step_nonfinite(self) -> bool:
+        """The most recent optimizer step was skipped (read by the checkpoint callback)."""
+        return self.guard.last_skipped
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None and self.global_step >= self.cfg.ema.start_step:
+        at_step_end = (batch_idx + 1) % self.cfg.trainer.accumulate_grad_batches == 0
+        if at_step_end:
+            self.guard.check(self.global_step)
+        if self.ema is not None and self.global_step >= self.cfg.ema.start_step and at_step_end and not self.guard.last_skipped:
             self.ema.update(self.mmdit)
         if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
             sums = self.trainer.strategy.reduce(self.bin_sums.clone(), reduce_op="sum")
@@ -157,7 +191,7 @@ class SD3LitModule(L.LightningModule):
     # ----------------------------------------------------------------- optimizer
     def configure_optimizers(self):
         optim = self.cfg.optim
-        optimizer = torch.optim.AdamW(
+        optimizer = SkippableAdamW(
             self.mmdit.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
@@ -185,10 +219,27 @@ class SD3LitModule(L.LightningModule):
         for key in [key for key in state if skipped and key.startswith(skipped)]:
             del state[key]
         checkpoint["sd3train_config"] = to_plain(self.cfg)
+        checkpoint["sd3train_guard"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "sd3train_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["sd3train_guard"])
         # Parts left out at save time come from the weight files they were loaded from.
         state = checkpoint["state_dict"]
         for prefix, module in (("vae.", self.vae), ("text.", self.text)):
             for key, value in module.state_dict().items():
                 state.setdefault(prefix + key, value)
+
+
+def _inner_optimizers(optimizer) -> list:
+    """The SkippableAdamW behind Lightning's wrapper (and DeepSpeed's ZeRO optimizer, if any)."""
+    found, seen, todo = [], set(), [optimizer]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, SkippableAdamW):
+            found.append(current)
+        todo.extend(getattr(current, name, None) for name in ("_optimizer", "optimizer"))
+    return found

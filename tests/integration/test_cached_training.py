@@ -125,12 +125,12 @@ def test_fit_trains_on_the_cache(data):
     assert cfg.data.cached
     fit(cfg)
     run_dir = run_dir_of(cfg)
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last" / "COMPLETE").is_file()
     with open(run_dir / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     train_losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
     val_losses = [float(row["val/loss"]) for row in rows if row.get("val/loss")]
     assert train_losses and all(math.isfinite(loss) for loss in train_losses)
     assert len(val_losses) == 1 and math.isfinite(val_losses[0])
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last" / "checkpoint.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == STEPS

@@ -102,8 +102,8 @@ def assert_trained_three_steps(run_dir: Path) -> None:
     assert float(last["data/samples_read"]) == 2 * SAMPLES_PER_SHARD, last["data/samples_read"]
     assert {name: float(value) for name, value in last.items() if name.startswith("data/skipped_")} == {
         f"data/skipped_{reason}": 0.0 for reason in REASONS} | {"data/skipped_fraction": 0.0}
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert (run_dir / "checkpoints" / "step-0000003.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last" / "checkpoint.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "step-0000003" / "COMPLETE").is_file()
 
 
 def run_train(shard_args: list[str], runs_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -207,5 +207,5 @@ def test_in_process_fit_on_bad_samples_trains_to_completion_and_logs_per_reason_
     assert counts == {"truncated_shard": 1.0, "decode_error": 1.0, "no_caption": 1.0, "duplicate_key": 1.0,
                       "blocklisted": 0.0, "no_image": 0.0, "too_small": 0.0, "unreadable_shard": 0.0}
     assert float(last["data/samples_read"]) == 26.0  # 22 good samples + 4 problems
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last" / "COMPLETE").is_file()
     print(f"in-process fit, 6 steps: {elapsed:.1f} s")

@@ -34,7 +34,11 @@ def trained_run(repo_shapes, tmp_path_factory) -> Path:
 
 def test_run_directory_has_everything(trained_run):
     assert (trained_run / "config.yaml").is_file()
-    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    checkpoints = trained_run / "checkpoints"
+    # 20 steps, checkpoint_every_n_steps=500: only the final step is saved, as a published step directory.
+    assert os.readlink(checkpoints / "last") == "step-0000020"
+    assert {path.name for path in (checkpoints / "step-0000020").iterdir()} == {"checkpoint.ckpt", "config.yaml", "COMPLETE"}
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["last", "step-0000020"]
     samples = trained_run / "samples" / "step-20"
     records = [json.loads(line) for line in (samples / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 6
@@ -69,7 +73,7 @@ def test_wandb_offline_run_has_sample_images(trained_run):
 
 def test_sample_cli_writes_pngs_and_manifest(trained_run, tmp_path):
     out = tmp_path / "samples"
-    run([str(BIN / "sd3train-sample"), f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
+    run([str(BIN / "sd3train-sample"), f"checkpoint={trained_run / 'checkpoints' / 'last'}",
          "prompts=[a red circle on a white background,a blue square on a black background]",
          "seeds=[5,6]", "num_steps=4", f"out={out}"], tmp_path)
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -79,7 +83,7 @@ def test_sample_cli_writes_pngs_and_manifest(trained_run, tmp_path):
 
 
 def test_sample_cli_applies_skip_layer_guidance_and_checks_it(trained_run, tmp_path):
-    checkpoint = f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}"
+    checkpoint = f"checkpoint={trained_run / 'checkpoints' / 'step-0000020'}"
     common = ["prompts=[a red circle on a white background]", "seeds=[5]", "num_steps=4"]
     outs = {}
     for name, extra in (("plain", []), ("guided", ["skip_layers=[0]", "skip_layer_scale=3.0", "skip_layer_stop=0.9"])):

@@ -371,3 +371,14 @@ def test_training_on_a_cache_made_with_other_settings_fails_at_config_time(refer
     build_shapes(not_a_cache, train=16, val=1, size=32, samples_per_shard=16)
     with pytest.raises(ConfigError, match="has no readable cache_info.json"):
         training_config(f"data.shards='{not_a_cache}/train-000000.tar'")
+
+
+def test_a_truncated_source_fails_unless_kept_on_purpose(sources, tmp_path, capsys):
+    cut = tmp_path / "cut-000000.tar"
+    data = (sources / "train-000001.tar").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # a reset download: half a shard
+    assert run_precompute(tmp_path / "strict", f"data.shards='{cut}'") == 1
+    assert not (tmp_path / "strict" / "cut-000000.tar").exists()  # a rerun will retry it
+    assert run_precompute(tmp_path / "kept", f"data.shards='{cut}'", flags=("--keep-truncated",)) == 0
+    kept = [event for event in read_shard(str(tmp_path / "kept" / "cut-000000.tar")) if isinstance(event, RawSample)]
+    assert 0 < len(kept) < 16

@@ -20,7 +20,7 @@ from photo_shards import jpeg_bytes, photo_samples, write_photo_shards
 from sd3train.config.schema import DataConfig
 from sd3train.data.datamodule import ShardDataModule
 from sd3train.data.shards import write_shards
-from sd3train.data.skips import DataBudgetError
+from sd3train.data.skips import DataBudgetError, reset_skip_log
 
 BATCH = 4
 Members = list[tuple[str, bytes]]
@@ -174,21 +174,21 @@ def test_more_bad_samples_than_the_budget_stop_the_run_naming_budget_and_worst_s
         for _ in datamodule.train_dataloader():
             pass
     message = str(caught.value)
-    assert "data.skip_budget of 5.0%" in message
+    assert "data.skip_budget of 5.00%" in message
     assert f"the worst shard is {bad_path} with" in message
     assert "decode_error" in message
 
 
-def test_budget_error_from_a_dataloader_worker_keeps_its_type_and_message(tmp_path):
+def test_budget_is_checked_on_the_rank_totals_with_two_workers(tmp_path):
     spec, bad_path = corrupt_set(tmp_path, good=20, bad=10)
     # 2 shards, 2 workers: one worker reads only the corrupt shard and trips the budget.
     datamodule = datamodule_for(spec, skip_budget=0.05, skip_budget_min_samples=0, num_workers=2)
-    with pytest.raises(DataBudgetError) as caught:  # torch re-raises the worker's exception type
+    with pytest.raises(DataBudgetError) as caught:
         for _ in datamodule.train_dataloader():
             pass
     message = str(caught.value)
-    assert "DataLoader worker process" in message  # re-raised by torch with the worker's traceback
-    assert "data.skip_budget of 5.0%" in message
+    assert "on rank 0" in message  # counted in the main process from the workers' reports
+    assert "data.skip_budget of 5.00%" in message
     assert f"the worst shard is {bad_path} with" in message
 
 
@@ -207,7 +207,7 @@ def test_a_set_where_every_sample_is_bad_raises_the_budget_error_even_below_min_
     with pytest.raises(DataBudgetError) as caught:
         next(iter(datamodule.train_dataloader()))
     message = str(caught.value)
-    assert message.startswith("6 of 6 samples read (100.0%) were bad")
+    assert message.startswith("6 of 6 samples read (100.00%) were bad")
     assert "decode_error 6" in message and f"the worst shard is {path} with 6 skipped" in message
 
 
@@ -242,6 +242,7 @@ def test_skips_after_a_workers_last_batch_are_counted(tmp_path):
 def test_skip_warnings_are_rate_limited_and_name_shard_and_key(tmp_path, caplog):
     spec, bad_path = corrupt_set(tmp_path, good=8, bad=50)
     datamodule = datamodule_for(spec, shuffle_buffer=0, skip_budget=1.0, skip_budget_min_samples=0)
+    reset_skip_log()  # the rate limit counts per process, across tests
     with caplog.at_level(logging.WARNING, logger="sd3train.data"):
         keys, skipped, metrics = one_epoch(datamodule)
     assert skipped["decode_error"] == 50 and len(keys) == 8
@@ -268,3 +269,16 @@ def test_teardown_stops_the_persistent_workers_at_once(tmp_path):
     start = time.perf_counter()
     gc.collect()
     assert time.perf_counter() - start < 3.0
+
+
+def test_lost_shards_have_a_budget_of_their_own(tmp_path):
+    write_shards(photo_samples(44, seed=7), tmp_path, prefix="ok", samples_per_shard=2)  # 22 shards
+    junk = []
+    for index in range(3):  # 3 of 25 shards unreadable: 12%
+        (tmp_path / f"junk-{index}.tar").write_bytes(b"not a tar file at all" * 40)
+        junk.append(f"{tmp_path}/junk-{index}.tar")
+    spec = "::".join([f"{tmp_path}/ok-{{000000..000021}}.tar", *junk])
+    datamodule = datamodule_for(spec, skip_budget=0.05, skip_budget_min_samples=1000)
+    with pytest.raises(DataBudgetError, match=r"3 of 2[0-9] shards opened .* could not be read to the end"):
+        for _ in datamodule.train_dataloader():
+            pass

@@ -154,7 +154,10 @@ def test_relative_shard_paths_resolve_against_repo_root(tmp_path):
     ]
 
 
-def test_missing_shards_fail_with_the_command_that_makes_them(tmp_path):
-    datamodule = make_datamodule(tmp_path)
+def test_missing_shards_fail_naming_the_option_or_the_command_that_makes_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"4 of 4 train shard\(s\) missing, .*; check data.shards"):
+        make_datamodule(tmp_path).train_dataloader()
+    shapes = ShardDataModule(DataConfig(shards="data/shapes/train-999998.tar", val_shards=None), seed=0)
     with pytest.raises(FileNotFoundError, match="make_shapes"):
-        datamodule.train_dataloader()
+        shapes.train_dataloader()
+    assert resolve_shard_urls(f"file:{tmp_path}/a.tar") == [f"{tmp_path}/a.tar"]

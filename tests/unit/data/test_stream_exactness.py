@@ -201,3 +201,71 @@ def test_resume_is_exact_on_two_ranks_in_separate_processes(photos, tmp_path):
     keys = [{key for keys in result["reference"][:6] for key in keys} for result in results]
     assert not keys[0] & keys[1]
 
+
+
+def test_resume_is_exact_when_keys_repeat_across_shard_sets_and_one_copy_is_corrupt(tmp_path):
+    # Two datasets numbered from 0 (as sd3train-shards and img2dataset number them), mixed in one
+    # list; key 000000003 is corrupt in the first and fine in the second.
+    from photo_shards import photo_samples
+    from sd3train.data.shards import EncodedImage, ShardSample, write_shards
+
+    first = photo_samples(40, seed=1)
+    broken = first[3]
+    first[3] = ShardSample(broken.key, EncodedImage(broken.image.data[:300], "jpg"), broken.caption, None, broken.sidecars)
+    write_shards(first, tmp_path, prefix="a", samples_per_shard=10)
+    write_shards(photo_samples(40, seed=2), tmp_path, prefix="b", samples_per_shard=10)
+    shards = f"{tmp_path}/a-{{000000..000003}}.tar::{tmp_path}/b-{{000000..000003}}.tar"
+    reference = _keys(islice(make_datamodule(shards).train_dataloader(), 16))
+    assert sum(keys.count("000000003") for keys in reference) >= 1  # the good copy is trained on
+    for stop_after in range(1, 12):
+        interrupted = make_datamodule(shards)
+        list(islice(interrupted.train_dataloader(), stop_after))
+        resumed = make_datamodule(shards)
+        resumed.load_state_dict(interrupted.state_dict())
+        assert _keys(islice(resumed.train_dataloader(), 16 - stop_after)) == reference[stop_after:], stop_after
+
+
+def test_counts_after_a_resume_equal_the_uninterrupted_counts(tmp_path):
+    from photo_shards import photo_samples
+    from sd3train.data.shards import EncodedImage, ShardSample, write_shards
+
+    samples = photo_samples(26, seed=4)
+    for index in (2, 25):  # one early, one after the last full batch (counted in the epoch's tail)
+        bad = samples[index]
+        samples[index] = ShardSample(bad.key, EncodedImage(bad.image.data[:300], "jpg"), bad.caption, None, bad.sidecars)
+    write_shards(samples, tmp_path, prefix="c", samples_per_shard=26)
+    shards = f"{tmp_path}/c-000000.tar"
+    settings = dict(num_workers=0, shuffle_buffer=0, aspect_buckets=False, drop_partial_batches=True, skip_budget=1.0)
+
+    def counts_after(batches: int, stop_after: int | None = None) -> tuple[int, dict]:
+        datamodule = make_datamodule(shards, **settings)
+        if stop_after is not None:
+            list(islice(datamodule.train_dataloader(), stop_after))
+            state = datamodule.state_dict()
+            datamodule = make_datamodule(shards, **settings)
+            datamodule.load_state_dict(state)
+            batches -= stop_after
+        list(islice(datamodule.train_dataloader(), batches))
+        return datamodule.samples_read, dict(datamodule.skipped)
+
+    straight = counts_after(4)  # 3 batches of 8 in epoch 0, then the first of epoch 1
+    assert straight[1] == {"decode_error": 3}  # 2 in epoch 0, 1 early in epoch 1
+    for stop_after in (1, 3):
+        assert counts_after(4, stop_after) == straight, stop_after
+
+
+def test_a_changed_shard_after_the_checkpoint_is_detected_on_resume(tmp_path):
+    from photo_shards import photo_samples
+    from sd3train.data.shards import write_shards
+    from sd3train.data.stream import DataResumeError
+
+    write_shards(photo_samples(48, seed=5), tmp_path, prefix="d", samples_per_shard=12)
+    shards = f"{tmp_path}/d-{{000000..000003}}.tar"
+    interrupted = make_datamodule(shards)
+    list(islice(interrupted.train_dataloader(), 4))
+    state = interrupted.state_dict()
+    write_shards(photo_samples(48, seed=6), tmp_path, prefix="d", samples_per_shard=12)  # other samples
+    resumed = make_datamodule(shards)
+    resumed.load_state_dict(state)
+    with pytest.raises(DataResumeError, match="not the one the checkpoint recorded"):
+        next(iter(resumed.train_dataloader()))
