@@ -153,6 +153,14 @@ class SD3LitModule(L.LightningModule):
             inner.skip_update = skip
         self.log("train/nonfinite_steps", float(self.guard.total))
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # The EMA follows the update here, not in on_train_batch_end: callbacks (the checkpoint
+        # among them) see a step's end before the module does, and must see its EMA too.
+        # global_step counts this step only after the hook returns.
+        if self.ema is not None and self.global_step + 1 >= self.cfg.ema.start_step and not self.guard.last_skipped:
+            self.ema.update(self.mmdit)
+
     @property
     def last_step_nonfinite(self) -> bool:
         """The most recent optimizer step was skipped (read by the checkpoint callback)."""
@@ -162,8 +170,7 @@ class SD3LitModule(L.LightningModule):
         at_step_end = (batch_idx + 1) % self.cfg.trainer.accumulate_grad_batches == 0
         if at_step_end:
             self.guard.check(self.global_step)
-        if self.ema is not None and self.global_step >= self.cfg.ema.start_step and at_step_end and not self.guard.last_skipped:
-            self.ema.update(self.mmdit)
+
         if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
             sums = self.trainer.strategy.reduce(self.bin_sums.clone(), reduce_op="sum")
             counts = self.trainer.strategy.reduce(self.bin_counts.clone(), reduce_op="sum")

@@ -5,13 +5,15 @@
     sd3train-train strategy=zero3_offload trainer.devices=8               # GPUs: optimizer and params in CPU memory
 
 Lightning launches the other processes itself (`trainer.devices` > 1 re-runs the command once per
-extra rank). Gradient clipping (`optim.grad_clip`), accumulation (`trainer.accumulate_grad_batches`)
-and bf16 (`trainer.precision`) reach the DeepSpeed config through the Trainer's arguments, as
-Lightning passes them; the client optimizer from `configure_optimizers` (torch AdamW) is used as
-it is, so no fused or CPU Adam kernel is compiled.
+extra rank). Gradient clipping (`optim.grad_clip`) and accumulation (`trainer.accumulate_grad_batches`)
+reach the DeepSpeed config through the Trainer's arguments, as Lightning passes them.
+`trainer.precision=bf16-mixed` becomes DeepSpeed's torch autocast (fp32 weights, bf16 compute, as
+under DDP), `bf16-true` DeepSpeed's bf16 mode. The client optimizer from `configure_optimizers`
+(torch AdamW) is used as it is, so no fused or CPU Adam kernel is compiled, with offload too.
 
-Lightning's `DeepSpeedStrategy` refuses CPUs; without a GPU `CPUDeepSpeedStrategy` steps around
-the three places that assume CUDA (see its docstring). It is for tests and the CPU default only.
+Lightning's `DeepSpeedStrategy` refuses CPUs; without a GPU (or with `trainer.accelerator=cpu`)
+`CPUDeepSpeedStrategy` steps around the three places that assume CUDA (see its docstring). It is
+for tests and CPU runs only; GPUs get Lightning's strategy as it is.
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ import importlib
 import os
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from sd3train.config.schema import TrainConfig
+
+
+def skip_shm_op_build() -> None:
+    """Make DeepSpeed's comm backend skip JIT-building its shared-memory op (gloo reduces instead)."""
+    # `import deepspeed.comm.torch as m` would bind the `torch` name inside deepspeed.comm instead.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -48,8 +56,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     def setup_distributed(self) -> None:
         # DeepSpeedStrategy.setup_distributed without the device-index validation (2).
-        # `import deepspeed.comm.torch as m` would bind the `torch` name inside deepspeed.comm instead.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        skip_shm_op_build()
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
@@ -97,6 +104,13 @@ def deepspeed_strategy(cfg: TrainConfig, cpu: bool) -> DeepSpeedStrategy:
         logging_batch_size_per_gpu=cfg.data.batch_size,
         process_group_backend=backend,
     )
+    if cfg.trainer.precision == "bf16-mixed":
+        # Lightning maps bf16-mixed to DeepSpeed's bf16 mode, which casts the whole module (the EMA
+        # copy and the frozen encoders too) to bf16 and expects bf16 inputs. torch autocast keeps the
+        # weights fp32 and computes in bf16, as bf16-mixed does under DDP. "bf16" being present stops
+        # Lightning from adding its own.
+        built.config["bf16"] = {"enabled": False}
+        built.config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     # ZeRO-Offload refuses a client optimizer other than DeepSpeedCPUAdam (a JIT-compiled kernel)
     # unless told otherwise; torch AdamW steps the CPU-resident fp32 states correctly, only slower.
     built.config["zero_force_ds_cpu_optimizer"] = False

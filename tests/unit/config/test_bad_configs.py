@@ -1,0 +1,51 @@
+"""Bad configs fail at composition, before any model is built, naming every problem at once."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sd3train.config.typed import ConfigError
+from sd3train.config.validate import load_config
+from sd3train.train import CONF_DIR
+
+BAD = [
+    (["model.depth=abc"], ["model.depth: expected int, got str 'abc'"]),
+    (["+trainer.max_step=10"], ["trainer.max_step: unknown key"]),
+    (["trainer.global_batch_size=100", "data.batch_size=8", "trainer.devices=2", "trainer.accumulate_grad_batches=3"],
+     ["trainer.global_batch_size: 100 != data.batch_size 8 x trainer.accumulate_grad_batches 3 x trainer.devices 2 x "
+      "trainer.num_nodes 1 = 48"]),
+    (["model.weights=/nowhere/sd35"], ["model.weights: /nowhere/sd35 does not exist"]),
+    (["strategy=ddp", "strategy.offload_optimizer=true"], ["strategy.offload_optimizer: needs a ZeRO strategy"]),
+    (["strategy=zero2", "strategy.offload_parameters=true"], ["strategy.offload_parameters: only ZeRO stage 3"]),
+    (["strategy=zero3", "trainer.precision=16-mixed"], ["trainer.precision: 16-mixed is refused by DeepSpeed on CPU"]),
+    (["data.resolution=100"], ["data.resolution=100 is not a multiple of 16"]),
+    (["trainer.keep_checkpoints=1"], ["trainer.keep_checkpoints: must be >= 2"]),
+    (["data.p_synthetic=1.5"], ["data.p_synthetic: 1.5 is outside [0.0, 1.0]"]),
+    (["data.aspect_buckets=true", "data.bucket_step=8"], ["data.bucket_step=8 is not a multiple of 16"]),
+    (["data.random_flip=true", "data.cache_latents=true"], ["data.cache_latents: a cached posterior would freeze"]),
+    (["trainer.max_nonfinite_steps=0"], ["trainer.max_nonfinite_steps: must be >= 1, got 0"]),
+    (["data.blocklist=/nowhere/blocklist.txt"], ["data.blocklist: /nowhere/blocklist.txt does not exist"]),
+]
+
+
+def _load(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return load_config(compose(config_name="config", overrides=["experiment=tiny_cpu", "trainer.accelerator=cpu",
+                                                                     *overrides]))
+
+
+@pytest.mark.parametrize("overrides, expected", BAD, ids=[" ".join(overrides) for overrides, _ in BAD])
+def test_each_bad_config_fails_naming_its_problem(overrides, expected):
+    with pytest.raises(ConfigError) as caught:
+        _load(*overrides)
+    for line in expected:
+        assert line in str(caught.value), str(caught.value)
+
+
+def test_all_problems_of_one_config_are_listed_together():
+    overrides = ["trainer.keep_checkpoints=1", "data.p_synthetic=1.5", "trainer.max_nonfinite_steps=0",
+                 "data.resolution=100", "strategy=zero2", "strategy.offload_parameters=true"]
+    with pytest.raises(ConfigError) as caught:
+        _load(*overrides)
+    assert len(caught.value.problems) >= 5, caught.value.problems
