@@ -74,6 +74,28 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> str | None:
     return str(path)
 
 
+def check_resume_world_size(cfg: TrainConfig, ckpt_path: str | None) -> None:
+    """A ZeRO checkpoint holds one optimizer shard per rank: resuming it on another number of ranks
+    is refused (ConfigError) with the way out. DDP checkpoints hold everything and may move."""
+    from sd3train.lit.checkpointing import read_marker
+
+    if ckpt_path is None or Path(ckpt_path).name != "checkpoint.ckpt":
+        return
+    marker = read_marker(Path(ckpt_path).parent)
+    world_size = cfg.trainer.devices * cfg.trainer.num_nodes
+    if marker is None or marker.get("world_size", world_size) == world_size:
+        return
+    if marker.get("strategy") == "deepspeed" or cfg.strategy.name == "deepspeed":
+        step_dir = Path(ckpt_path).parent
+        raise ConfigError([
+            f"trainer.resume: {step_dir} was written by {marker['world_size']} ranks (ZeRO stage "
+            f"{marker.get('zero_stage')}), this run has {world_size} (trainer.devices x trainer.num_nodes); its "
+            "optimizer state is sharded per rank. Resume with the same number of ranks, or continue from its "
+            f"weights without the optimizer state: sd3train-export checkpoint={step_dir} format=single_file "
+            "out=weights.safetensors, then train with model.weights=weights.safetensors trainer.resume=never"
+        ])
+
+
 def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
     """Train as `cfg` says; `extra_callbacks` (Lightning callbacks) join the built-in ones."""
     os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
@@ -92,6 +114,7 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))))
     ckpt_path = resume_checkpoint(cfg, run_dir)  # before anything is built: a bad path fails at once
+    check_resume_world_size(cfg, ckpt_path)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
     # Shards are checked before the models are built: a wrong path fails in seconds.

@@ -281,6 +281,9 @@ class TrainerConfig:
     # Debugging checkpoint safety: pause this long after a checkpoint is written, before it is
     # published (a test kills the run there).
     debug_checkpoint_delay_s: float = 0.0
+    # Debugging the resume tests' negative control: a resumed run draws from other random streams
+    # (what a trainer that does not restore its generators does).
+    debug_reseed_on_resume: bool = False
 
 
 @dataclass

@@ -120,11 +120,19 @@ class PreviewAndEvaluate(L.Callback):
         )
         return decode_to_uint8(pl_module.vae, latents), seeds
 
+    @staticmethod
+    def _generates(trainer) -> bool:
+        """Whether this rank runs the sampler: rank 0, or every rank under ZeRO-3, whose weights
+        are gathered from all ranks as each layer runs (rank 0 alone would wait forever)."""
+        return trainer.is_global_zero or bool(getattr(trainer.strategy, "zero_stage_3", False))
+
     def _preview(self, trainer, pl_module) -> None:
-        if not self.prompts or not trainer.is_global_zero:
+        if not self.prompts or not self._generates(trainer):
             return
         step = trainer.global_step
         images, seeds = self._generate(pl_module, self.prompts)
+        if not trainer.is_global_zero:
+            return
         write_samples(self.run_dir / "samples" / f"step-{step}", images, self.prompts, seeds)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -137,10 +145,12 @@ class PreviewAndEvaluate(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._preview(trainer, pl_module)
-        if not self.num_colour_prompts or not trainer.is_global_zero:
+        if not self.num_colour_prompts or not self._generates(trainer):
             return
         prompts = colour_prompts(self.num_colour_prompts)
         images, _ = self._generate(pl_module, prompts)
+        if not trainer.is_global_zero:
+            return
         score = colour_adherence(images, prompts)
         metrics = {"eval/colour_adherence": score}
         for logger in trainer.loggers:

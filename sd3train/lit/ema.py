@@ -32,7 +32,19 @@ class EMAModel(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        shadow = [p for p in self.shadow.parameters()]
-        source = [p.detach().to(s.dtype) for p, s in zip(model.parameters(), shadow)]
-        torch._foreach_lerp_(shadow, source, 1.0 - decay)
+        pairs = list(zip(self.shadow.parameters(), model.parameters()))
+        if pairs and hasattr(pairs[0][0], "ds_tensor"):
+            # DeepSpeed ZeRO-3 splits the shadow and the model alike over the ranks: each rank
+            # averages its own slice (no communication). Parameters DeepSpeed keeps whole
+            # (small ones) hold a full copy as well, which is averaged too.
+            shadow = [s.ds_tensor for s, _ in pairs]
+            source = [p.ds_tensor for _, p in pairs]
+            for s, p in pairs:
+                if s.numel() == s.ds_numel and p.numel() == p.ds_numel:
+                    shadow.append(s.data)
+                    source.append(p.data)
+        else:
+            shadow = [s for s, _ in pairs]
+            source = [p.detach() for _, p in pairs]
+        torch._foreach_lerp_(shadow, [q.to(s.dtype) for q, s in zip(source, shadow)], 1.0 - decay)
         self.num_updates += 1

@@ -33,6 +33,7 @@ class SD3LitModule(L.LightningModule):
         self.text = TextConditioner.from_config(cfg.text)
         self.ema = EMAModel(self.mmdit, cfg.ema.decay) if cfg.ema.enabled else None
         self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
+        self._stream_salt = ""  # see trainer.debug_reseed_on_resume
         self.latent_cache = LatentMomentCache(cfg.data.latent_cache_max_samples) if cfg.data.cache_latents else None
         diffusion = cfg.diffusion
         self.train_shift = (
@@ -100,7 +101,8 @@ class SD3LitModule(L.LightningModule):
     def _step_stream(self, batch_idx: int) -> str:
         # Micro-batches of one accumulated step need streams of their own.
         accumulate = self.cfg.trainer.accumulate_grad_batches
-        return "train" if accumulate == 1 else f"train-{batch_idx % accumulate}"
+        stream = "train" if accumulate == 1 else f"train-{batch_idx % accumulate}"
+        return stream + self._stream_salt
 
     def _all_ranks_finite(self, value: torch.Tensor) -> bool:
         """True only when `value` is finite on every rank, so all ranks skip the same steps."""
@@ -155,6 +157,11 @@ class SD3LitModule(L.LightningModule):
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
+        if engine is not None:  # under ZeRO the gradients live in DeepSpeed's partitions, not in p.grad
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                self.log("train/grad_norm", float(norm))
         # The EMA follows the update here, not in on_train_batch_end: callbacks (the checkpoint
         # among them) see a step's end before the module does, and must see its EMA too.
         # global_step counts this step only after the hook returns.
@@ -231,6 +238,10 @@ class SD3LitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "sd3train_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["sd3train_guard"])
+        if self.cfg.trainer.debug_reseed_on_resume:
+            self._stream_salt = "-reseeded"
+        if "state_dict" not in checkpoint:
+            return  # DeepSpeed restores the (sharded) weights itself and hands over the rest
         # Parts left out at save time come from the weight files they were loaded from.
         state = checkpoint["state_dict"]
         for prefix, module in (("vae.", self.vae), ("text.", self.text)):
