@@ -9,16 +9,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from process_runs import BIN, finish, launch
 from sd3train.checkpoint.files import read_lightning_checkpoint
 
-BIN = Path(sys.executable).parent
 STEPS, KILL_AFTER = 6, 4
 FAST = ["experiment=tiny_cpu", "trainer.devices=2", "model.depth=1", "data.batch_size=4", f"trainer.max_steps={STEPS}",
         "data.num_workers=2", "data.cache_latents=false", "eval.prompts=[]", "eval.num_colour_prompts=0",
@@ -26,23 +25,9 @@ FAST = ["experiment=tiny_cpu", "trainer.devices=2", "model.depth=1", "data.batch
         "trainer.checkpoint_every_n_steps=2", "optim.lr=5e-3"]
 
 
-def launch(shapes: Path, cwd: Path, strategy: str, *extra: str) -> subprocess.Popen:
-    args = [str(BIN / "sd3train-train"), *FAST, f"strategy={strategy}", f"data.shards='{shapes}/train-{{000000..000003}}.tar'",
-            *extra]
-    # Its own session: the SIGKILL reaches the rank Lightning started as well.
-    return subprocess.Popen(args, cwd=cwd, env={**os.environ, "WANDB_MODE": "offline"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def finish(process: subprocess.Popen) -> str:
-    try:
-        output, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == 0, output[-5000:]
-    return output
+def start(shapes: Path, cwd: Path, strategy: str, *extra: str) -> subprocess.Popen:
+    return launch([str(BIN / "sd3train-train"), *FAST, f"strategy={strategy}",
+                   f"data.shards='{shapes}/train-{{000000..000003}}.tar'", *extra], cwd)
 
 
 def run_dir(cwd: Path) -> Path:
@@ -76,8 +61,8 @@ def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(small_shapes, t
     straight, resumed, control = tmp_path / "straight", tmp_path / "resumed", tmp_path / "control"
     for folder in (straight, resumed):
         folder.mkdir()
-    finish(launch(small_shapes, straight, strategy))
-    kill_after_checkpoint(launch(small_shapes, resumed, strategy), resumed, KILL_AFTER)
+    finish(start(small_shapes, straight, strategy))
+    kill_after_checkpoint(start(small_shapes, resumed, strategy), resumed, KILL_AFTER)
     shutil.copytree(resumed, control, symlinks=True)
     # The killed run may have gone past step 4; resume=auto takes the newest complete checkpoint.
     for folder in (resumed, control):
@@ -86,9 +71,9 @@ def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(small_shapes, t
                 shutil.rmtree(path)
         (run_dir(folder) / "checkpoints" / "last").unlink(missing_ok=True)
         (run_dir(folder) / "checkpoints" / "last").symlink_to(f"step-{KILL_AFTER:07d}")
-    output = finish(launch(small_shapes, resumed, strategy))
+    output = finish(start(small_shapes, resumed, strategy))
     assert f"step-{KILL_AFTER:07d}" in output  # it resumed, from the checkpoint before the kill
-    finish(launch(small_shapes, control, strategy, "trainer.debug_reseed_on_resume=true"))
+    finish(start(small_shapes, control, strategy, "trainer.debug_reseed_on_resume=true"))
 
     reference = losses(straight)
     assert sorted(reference) == list(range(STEPS))

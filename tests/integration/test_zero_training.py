@@ -13,19 +13,17 @@ from __future__ import annotations
 import csv
 import math
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from process_runs import BIN, finish, launch
 from sd3train.checkpoint.files import read_lightning_checkpoint
 from sd3train.lit.checkpointing import latest_complete_checkpoint
 
-BIN = Path(sys.executable).parent
 STEPS = 4
 FAST = ["experiment=tiny_cpu", "trainer.devices=2", "model.depth=1", "data.batch_size=4", f"trainer.max_steps={STEPS}",
         "data.num_workers=0", "data.cache_latents=false", "eval.prompts=[]", "eval.num_colour_prompts=0",
@@ -38,18 +36,9 @@ def train(shapes: Path, cwd: Path, strategy: str, *extra: str) -> tuple[Path, fl
     args = [str(BIN / "sd3train-train"), *FAST, f"strategy={strategy}", *extra,
             f"data.shards='{shapes}/train-{{000000..000003}}.tar'", f"data.val_shards='{shapes}/val-000000.tar'"]
     start = time.monotonic()
-    # Its own process group, so a hung run is killed with the rank Lightning started.
-    process = subprocess.Popen(args, cwd=cwd, env={**os.environ, "WANDB_MODE": "offline"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+    output = finish(launch(args, cwd))
     seconds = time.monotonic() - start
     print(f"\n{strategy}: 2-process run took {seconds:.1f} s")
-    assert process.returncode == 0, output[-5000:]
     return cwd / "runs" / "tiny_cpu" / "main", seconds, output
 
 
