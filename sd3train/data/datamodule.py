@@ -13,8 +13,9 @@ step-based).
 
 State: what was *consumed* (a batch counts when Lightning hands it to the step, through
 `on_before_batch_transfer`, not when the loader prefetched it), per rank: the epoch, per worker
-the batches consumed in it and the keys that failed to decode, the worker whose batch came last,
-and the running counts. `state_dict()` gathers every rank's part (it is called on all ranks when
+the batches consumed in it, the (url, key) of samples that failed to decode and a digest of its
+last consumed batch, the worker whose batch came last, and the skip ledger (whose budget is
+checked as batches are consumed). `state_dict()` gathers every rank's part (it is called on all ranks when
 Lightning checkpoints); `load_state_dict` keeps this rank's, and `train_dataloader()` resumes each
 worker exactly where its consumed batches end. A different world size, worker count or stream
 setting is refused, naming what changed, unless `data.resume_resplit=true`.
