@@ -1,0 +1,136 @@
+"""sd3train-submit: submit training to SLURM from the launch/slurm/train.sbatch template.
+
+    sd3train-submit --nodes 4 --gpus-per-node 8 experiment=finetune_sd35_medium trainer.max_steps=20000
+    sd3train-submit --dry-run --nodes 4 --gpus-per-node 8 experiment=tiny_cpu     # print the script only
+
+The flags become the template's #SBATCH lines (one task per GPU: --ntasks-per-node equals
+--gpus-per-node; --requeue, --open-mode=append and --signal=USR1@<lead> always); every other
+argument is a Hydra override passed through verbatim to `sd3train-train` inside the script. The
+script is written to runs/submit/<job name>-<time>.sbatch and handed to `sbatch`; --dry-run prints
+it instead. `--gpus-per-node 0` submits CPU tasks (one per --tasks-per-node), as the tests do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from sd3train.paths import REPO_ROOT
+
+PROG = "sd3train-submit"
+TEMPLATE = REPO_ROOT / "launch" / "slurm" / "train.sbatch"
+USAGE_EXIT_CODE = 2
+_SBATCH_LINE = re.compile(r"^#SBATCH\s")
+_OVERRIDES_LINE = 'OVERRIDES=("$@")'
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="one srun task per GPU (0: CPU tasks)")
+    parser.add_argument("--tasks-per-node", type=int, default=None,
+                        help="tasks per node when --gpus-per-node is 0 (default 1)")
+    parser.add_argument("--cpus-per-task", type=int, default=12)
+    parser.add_argument("--mem", default=None, help="memory per node, e.g. 512G")
+    parser.add_argument("--time", default="24:00:00")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--qos", default=None)
+    parser.add_argument("--job-name", default="sd3train")
+    parser.add_argument("--signal-lead", type=int, default=180,
+                        help="seconds before the time limit at which the tasks get USR1 (default 180)")
+    parser.add_argument("--output", default="slurm-%x-%j.out", help="SLURM output file pattern")
+    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                        help="an extra #SBATCH line, e.g. --sbatch-arg=--exclusive (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    parser.add_argument("--template", type=Path, default=TEMPLATE, help=argparse.SUPPRESS)
+    return parser
+
+
+def sbatch_lines(args: argparse.Namespace) -> list[str]:
+    tasks = args.gpus_per_node if args.gpus_per_node > 0 else (args.tasks_per_node or 1)
+    options = [
+        f"--job-name={args.job_name}",
+        f"--nodes={args.nodes}",
+        f"--ntasks-per-node={tasks}",
+        *([f"--gpus-per-node={args.gpus_per_node}"] if args.gpus_per_node > 0 else []),
+        f"--cpus-per-task={args.cpus_per_task}",
+        *([f"--mem={args.mem}"] if args.mem else []),
+        f"--time={args.time}",
+        *([f"--partition={args.partition}"] if args.partition else []),
+        *([f"--account={args.account}"] if args.account else []),
+        *([f"--qos={args.qos}"] if args.qos else []),
+        "--requeue",
+        "--open-mode=append",
+        f"--signal=USR1@{args.signal_lead}",
+        f"--output={args.output}",
+        *args.sbatch_arg,
+    ]
+    return [f"#SBATCH {option}" for option in options]
+
+
+def render(template: str, lines: list[str], overrides: list[str]) -> str:
+    """The template with its #SBATCH block replaced by `lines` and the overrides written in."""
+    out: list[str] = []
+    placed = False
+    for line in template.splitlines():
+        if _SBATCH_LINE.match(line):
+            if not placed:
+                out.extend(lines)
+                placed = True
+            continue
+        if line.strip() == _OVERRIDES_LINE:
+            line = "OVERRIDES=(" + " ".join(shlex.quote(arg) for arg in overrides) + ' "$@")'
+        out.append(line)
+    if not placed or not any(line.startswith("OVERRIDES=(") for line in out):
+        raise ValueError(f"the template has no #SBATCH block or no {_OVERRIDES_LINE} line")
+    return "\n".join(out) + "\n"
+
+
+def _problems(args: argparse.Namespace) -> list[str]:
+    problems = [f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+                for name, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("signal_lead", 1))
+                if getattr(args, name) < low]
+    if args.tasks_per_node is not None and args.gpus_per_node > 0:
+        problems.append("--tasks-per-node is only for CPU tasks (--gpus-per-node 0): one task per GPU otherwise")
+    if not args.template.is_file():
+        problems.append(f"template {args.template} does not exist")
+    return problems
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [arg for arg in overrides if arg.startswith("-")]
+    if unknown:
+        parser.error(f"unknown option(s) {' '.join(unknown)}; Hydra overrides are key=value")
+    problems = _problems(args)
+    if problems:
+        print(f"{PROG}: " + "; ".join(problems), file=sys.stderr)
+        return USAGE_EXIT_CODE
+    script = render(args.template.read_text(), sbatch_lines(args), overrides)
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    folder = Path("runs") / "submit"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{args.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    path.write_text(script)
+    try:
+        result = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        print(f"{PROG}: sbatch not found (is this a SLURM login node?); the script is {path}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
