@@ -12,3 +12,8 @@ def resolve_repo_path(path: str | Path) -> Path:
     """`path` itself when absolute, else relative to the repository root (not the working directory)."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+def run_dir_of(cfg) -> Path:
+    """runs/<experiment>/<run name> of a TrainConfig: no timestamp, so a requeued job finds its checkpoints."""
+    return Path(cfg.paths.runs_dir) / cfg.experiment_name / cfg.run_name

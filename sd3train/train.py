@@ -22,6 +22,7 @@ from sd3train.config.schema import TrainConfig
 from sd3train.config.overrides import normalise_overrides
 from sd3train.config.typed import ConfigError, to_plain
 from sd3train.config.validate import load_config
+from sd3train.paths import run_dir_of  # noqa: F401 (part of this module's interface)
 
 # Exit statuses (README, "Exit statuses"); NonFiniteError gives 3 (sd3train/lit/nonfinite.py).
 CONFIG_EXIT_CODE = 2
@@ -29,11 +30,6 @@ OOM_EXIT_CODE = 4
 DATA_BUDGET_EXIT_CODE = 5
 # An absolute path: Hydra resolves a relative one against the package when run as a console script.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def run_dir_of(cfg: TrainConfig) -> Path:
-    """runs/<experiment>/<run name>: no timestamp, so a requeued job finds its checkpoints."""
-    return Path(cfg.paths.runs_dir) / cfg.experiment_name / cfg.run_name
 
 
 def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> str | None:

@@ -12,11 +12,13 @@ from sd3train.diffusion.flow import binned_mean, interpolate, per_sample_mse, ve
 from sd3train.diffusion.timesteps import resolution_shift, sample_timesteps
 from sd3train.lit.ema import EMAModel
 from sd3train.lit.latent_cache import LatentMomentCache
+from sd3train.lit.loggers import wandb_run_id
 from sd3train.lit.nonfinite import NonFiniteGuard, SkippableAdamW
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.mmdit import MMDiT
 from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner, weight_sources
 from sd3train.model.vae import VAE
+from sd3train.paths import run_dir_of
 from sd3train.runtime.lr_schedule import lr_factor
 from sd3train.runtime.rng import derive_seed, step_generator
 
@@ -234,6 +236,8 @@ class SD3LitModule(L.LightningModule):
             del state[key]
         checkpoint["sd3train_config"] = to_plain(self.cfg)
         checkpoint["sd3train_guard"] = self.guard.state_dict()
+        # The W&B id is a function of the run directory (sd3train.lit.loggers); recorded for tools.
+        checkpoint["sd3train_wandb_run_id"] = wandb_run_id(run_dir_of(self.cfg))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "sd3train_guard" in checkpoint:

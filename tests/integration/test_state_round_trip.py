@@ -61,3 +61,9 @@ def test_every_stateful_part_round_trips_through_a_checkpoint(small_shapes, tmp_
     assert end.state["data_cursor"]["ranks"][0]["batches_consumed"] == 4
     for part in end.state:
         assert _tensors_equal(end.state[part], start.state[part]), part
+    from sd3train.lit.loggers import wandb_run_id
+    from sd3train.train import run_dir_of
+
+    run_dir = run_dir_of(tiny_config(small_shapes, tmp_path, *overrides))
+    saved = torch.load(run_dir / "checkpoints" / "last" / "checkpoint.ckpt", weights_only=False, map_location="cpu")
+    assert saved["sd3train_wandb_run_id"] == wandb_run_id(run_dir)
