@@ -130,6 +130,8 @@ class ShardDataModule(lightning.LightningDataModule):
         self.ledger = SkipLedger("rank 0")
         self._tails: dict[tuple[int, int], dict[str, Any]] = {}  # see record_tail
         self._tails_counted: set[tuple[int, int]] = set()
+        self._shards_checked = False
+        self._blocklist_keys: Optional[frozenset[str]] = None
         self._loaded: Optional[dict[str, Any]] = None  # a loaded state, applied in train_dataloader
         self._resume_epoch: Optional[int] = None
         self._train_batches: Optional[weakref.ref] = None
@@ -234,9 +236,14 @@ class ShardDataModule(lightning.LightningDataModule):
             raise FileNotFoundError(f"{len(missing)} of {len(urls)} {what} shard(s) missing, first {missing[0]}{hint}")
 
     def setup(self, stage: Optional[str] = None) -> None:
+        # Once per datamodule: fit() checks before building the models, then Lightning and
+        # train_dataloader() call this again (a stat per shard is not free with 100k shards).
+        if self._shards_checked:
+            return
         for source in self.plan.sources:
             self._check_local(list(source.urls), "train")
         self._check_local(self.val_urls, "val")
+        self._shards_checked = True
 
     def train_dataloader(self) -> TrainBatches:
         self.setup()
@@ -275,7 +282,12 @@ class ShardDataModule(lightning.LightningDataModule):
         return self._train_batches() if self._train_batches is not None else None
 
     def _blocklist(self) -> frozenset[str]:
-        return load_blocklist(resolve_repo_path(self.cfg.blocklist)) if self.cfg.blocklist else frozenset()
+        """Read once: the stream and every checkpoint's state (its digest) need it."""
+        if self._blocklist_keys is None:
+            self._blocklist_keys = (
+                load_blocklist(resolve_repo_path(self.cfg.blocklist)) if self.cfg.blocklist else frozenset()
+            )
+        return self._blocklist_keys
 
     def teardown(self, stage: Optional[str] = None) -> None:
         batches = self.train_batches
