@@ -1,13 +1,20 @@
-"""sd3train-submit: submit training to SLURM from the launch/slurm/train.sbatch template.
+"""sd3train-submit: submit training, or a curation tool as an array job, to SLURM from the
+launch/slurm/ templates.
 
     sd3train-submit --nodes 4 --gpus-per-node 8 experiment=finetune_sd35_medium trainer.max_steps=20000
     sd3train-submit --dry-run --nodes 4 --gpus-per-node 8 experiment=tiny_cpu     # print the script only
+    sd3train-submit --tool precompute --array 0-63 --gpus-per-node 1 -- --out /data/cache experiment=...
 
-The flags become the template's #SBATCH lines (one task per GPU: --ntasks-per-node equals
---gpus-per-node; --requeue, --open-mode=append and --signal=USR1@<lead> always); every other
-argument is a Hydra override passed through verbatim to `sd3train-train` inside the script. The
-script is written to runs/submit/<job name>-<time>.sbatch and handed to `sbatch`; --dry-run prints
-it instead. `--gpus-per-node 0` submits CPU tasks (one per --tasks-per-node), as the tests do.
+Training (launch/slurm/train.sbatch): the flags become the #SBATCH lines (one task per GPU:
+--ntasks-per-node equals --gpus-per-node; --requeue, --open-mode=append and --signal=USR1@<lead>
+always); every other argument is a Hydra override passed through verbatim to `sd3train-train`.
+
+Curation (--tool precompute|dedup|caption, launch/slurm/curate.sbatch): an array job of one task
+per array index (--array, SLURM's syntax: 0-63, 0-63%16), each running `sd3train-<tool>` on its
+share of the shards; arguments after `--` go to the tool verbatim (flags included).
+
+The script is written to runs/submit/<job name>-<time>.sbatch and handed to `sbatch`; --dry-run
+prints it instead. `--gpus-per-node 0` submits CPU tasks (one per --tasks-per-node), as the tests do.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from sd3train.paths import REPO_ROOT
 
 PROG = "sd3train-submit"
 TEMPLATE = REPO_ROOT / "launch" / "slurm" / "train.sbatch"
+CURATE_TEMPLATE = REPO_ROOT / "launch" / "slurm" / "curate.sbatch"
+TOOLS = ("train", "precompute", "dedup", "caption")
+_TOOL_LINE = re.compile(r"^TOOL=\S+$")
+_ARRAY = re.compile(r"^\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?$")
 USAGE_EXIT_CODE = 2
 _SBATCH_LINE = re.compile(r"^#SBATCH\s")
 _OVERRIDES_LINE = 'OVERRIDES=("$@")'
@@ -42,15 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--partition", default=None)
     parser.add_argument("--account", default=None)
     parser.add_argument("--qos", default=None)
-    parser.add_argument("--job-name", default="sd3train")
+    parser.add_argument("--job-name", default=None, help="default: sd3train, or sd3-<tool> for a curation tool")
+    parser.add_argument("--tool", choices=TOOLS, default="train",
+                        help="what the job runs: training (default) or a curation tool as an array job")
+    parser.add_argument("--array", default=None, metavar="SPEC",
+                        help="array indices of a curation job, SLURM's syntax (0-63, 0-63%%16); required with --tool")
     parser.add_argument("--signal-lead", type=int, default=180,
                         help="seconds before the time limit at which the tasks get USR1 (default 180)")
-    parser.add_argument("--output", default="slurm-%x-%j.out", help="SLURM output file pattern")
+    parser.add_argument("--output", default=None,
+                        help="SLURM output file pattern (default slurm-%%x-%%j.out; arrays slurm-%%x-%%A_%%a.out)")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                         help="an extra #SBATCH line, e.g. --sbatch-arg=--exclusive (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
-    parser.add_argument("--template", type=Path, default=TEMPLATE, help=argparse.SUPPRESS)
+    parser.add_argument("--template", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    curating = args.tool != "train"
+    if args.job_name is None:
+        args.job_name = f"sd3-{args.tool}" if curating else "sd3train"
+    if args.output is None:
+        args.output = "slurm-%x-%A_%a.out" if curating else "slurm-%x-%j.out"
+    if args.template is None:
+        args.template = CURATE_TEMPLATE if curating else TEMPLATE
 
 
 def sbatch_lines(args: argparse.Namespace) -> list[str]:
@@ -68,15 +94,17 @@ def sbatch_lines(args: argparse.Namespace) -> list[str]:
         *([f"--qos={args.qos}"] if args.qos else []),
         "--requeue",
         "--open-mode=append",
-        f"--signal=USR1@{args.signal_lead}",
+        # Training checkpoints on the signal; a curation task redoes at most its current shard.
+        *([f"--signal=USR1@{args.signal_lead}"] if args.tool == "train" else [f"--array={args.array}"]),
         f"--output={args.output}",
         *args.sbatch_arg,
     ]
     return [f"#SBATCH {option}" for option in options]
 
 
-def render(template: str, lines: list[str], overrides: list[str]) -> str:
-    """The template with its #SBATCH block replaced by `lines` and the overrides written in."""
+def render(template: str, lines: list[str], overrides: list[str], tool: str | None = None) -> str:
+    """The template with its #SBATCH block replaced by `lines`, the overrides written in and, for a
+    curation template, its TOOL= line set to `tool`."""
     out: list[str] = []
     placed = False
     for line in template.splitlines():
@@ -87,6 +115,8 @@ def render(template: str, lines: list[str], overrides: list[str]) -> str:
             continue
         if line.strip() == _OVERRIDES_LINE:
             line = "OVERRIDES=(" + " ".join(shlex.quote(arg) for arg in overrides) + ' "$@")'
+        if tool is not None and _TOOL_LINE.match(line.strip()):
+            line = f"TOOL={tool}"
         out.append(line)
     if not placed or not any(line.startswith("OVERRIDES=(") for line in out):
         raise ValueError(f"the template has no #SBATCH block or no {_OVERRIDES_LINE} line")
@@ -99,6 +129,12 @@ def _problems(args: argparse.Namespace) -> list[str]:
                 if getattr(args, name) < low]
     if args.tasks_per_node is not None and args.gpus_per_node > 0:
         problems.append("--tasks-per-node is only for CPU tasks (--gpus-per-node 0): one task per GPU otherwise")
+    if args.tool == "train" and args.array is not None:
+        problems.append("--array is for curation tools (--tool precompute|dedup|caption); training is one job")
+    if args.tool != "train" and args.array is None:
+        problems.append(f"--tool {args.tool} needs --array (e.g. --array 0-63: one task per index)")
+    if args.array is not None and not _ARRAY.match(args.array):
+        problems.append(f"--array {args.array!r} is not SLURM's array syntax (e.g. 0-63, 0-63%16, 0,4,8)")
     if not args.template.is_file():
         problems.append(f"template {args.template} does not exist")
     return problems
@@ -106,15 +142,22 @@ def _problems(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # After `--`: the tool's own arguments, flags included, passed on untouched.
+    tool_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     args, overrides = parser.parse_known_args(argv)
     unknown = [arg for arg in overrides if arg.startswith("-")]
     if unknown:
-        parser.error(f"unknown option(s) {' '.join(unknown)}; Hydra overrides are key=value")
+        parser.error(f"unknown option(s) {' '.join(unknown)}; Hydra overrides are key=value "
+                     "(a curation tool's own flags go after --)")
+    _fill_defaults(args)
     problems = _problems(args)
     if problems:
         print(f"{PROG}: " + "; ".join(problems), file=sys.stderr)
         return USAGE_EXIT_CODE
-    script = render(args.template.read_text(), sbatch_lines(args), overrides)
+    tool = None if args.tool == "train" else args.tool
+    script = render(args.template.read_text(), sbatch_lines(args), overrides + tool_args, tool)
     if args.dry_run:
         sys.stdout.write(script)
         return 0

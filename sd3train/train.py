@@ -10,24 +10,33 @@ every problem.
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
-from pathlib import Path
+# First, before the slow imports: SLURM's preemption signal (USR1) kills a process that has no
+# handler, and a requeued job can be signalled while it is still starting.
+from sd3train.runtime import preemption
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+preemption.install_handler()
 
-from sd3train.config.schema import TrainConfig
-from sd3train.config.overrides import normalise_overrides
-from sd3train.config.typed import ConfigError, to_plain
-from sd3train.config.validate import load_config
-from sd3train.paths import run_dir_of  # noqa: F401 (part of this module's interface)
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from sd3train.config.overrides import normalise_overrides  # noqa: E402
+from sd3train.config.schema import TrainConfig  # noqa: E402
+from sd3train.config.typed import ConfigError, to_plain  # noqa: E402
+from sd3train.config.validate import load_config  # noqa: E402
+from sd3train.paths import run_dir_of  # noqa: E402,F401 (part of this module's interface)
 
 # Exit statuses (README, "Exit statuses"); NonFiniteError gives 3 (sd3train/lit/nonfinite.py).
 CONFIG_EXIT_CODE = 2
 OOM_EXIT_CODE = 4
 DATA_BUDGET_EXIT_CODE = 5
+# Stopped for preemption with a checkpoint, but not requeued (no SLURM, or scontrol refused):
+# run the same command again to continue.
+PREEMPTED_EXIT_CODE = 6
 # An absolute path: Hydra resolves a relative one against the package when run as a console script.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -92,16 +101,36 @@ def check_resume_world_size(cfg: TrainConfig, ckpt_path: str | None) -> None:
         ])
 
 
-def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
-    """Train as `cfg` says; `extra_callbacks` (Lightning callbacks) join the built-in ones."""
+def srun_tasks(world_size: int, environ=os.environ) -> bool:
+    """Whether this process is one of the srun tasks that make up the run, so rank, world size and
+    master come from SLURM. Lightning's own test (SLURMEnvironment.detect) says no for a job named
+    `bash` or `interactive`, and would then start `devices` processes from each task; an srun task
+    (SLURM_STEP_ID is set in job steps, not in the batch shell) with one task per rank is taken
+    as such whatever the job's name."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if "SLURM_STEP_ID" in environ and environ.get("SLURM_NTASKS", "").isdigit():
+        if int(environ["SLURM_NTASKS"]) == world_size:
+            return True
+    return SLURMEnvironment.detect()
+
+
+def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> int | None:
+    """Train as `cfg` says; `extra_callbacks` (Lightning callbacks) join the built-in ones.
+
+    Returns None when training ran to `trainer.max_steps`, or the step it checkpointed and stopped
+    at on a preemption signal (sd3train/lit/preemption.py)."""
     os.environ.setdefault("WANDB_MODE", cfg.logger.wandb_mode)
     # Heavy imports only after the config is known to be good.
     import lightning as L
     from sd3train.data.datamodule import ShardDataModule
-    from sd3train.lit.callbacks import DataMetrics, PreviewAndEvaluate, StepProgressBar
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from sd3train.lit.callbacks import DataMetrics, PreviewAndEvaluate, StepDelay, StepProgressBar
     from sd3train.lit.checkpointing import AtomicCheckpoint
     from sd3train.lit.loggers import build_loggers
     from sd3train.lit.module import SD3LitModule
+    from sd3train.lit.preemption import StopOnPreemption
     from sd3train.lit.strategy import build_strategy
 
     # The frozen VAE and text encoders stay in eval mode on purpose.
@@ -118,18 +147,24 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
     data.setup()
     module = SD3LitModule(cfg)
     trainer_cfg = cfg.trainer
+    # checkpoints/step-NNNNNNN/ (staged, marker last, renamed into place) and checkpoints/last.
+    checkpointer = AtomicCheckpoint(run_dir, cfg, trainer_cfg.checkpoint_every_n_steps, trainer_cfg.keep_checkpoints)
+    stop_on_preemption = StopOnPreemption(checkpointer)
     callbacks = [
         DataMetrics(trainer_cfg.log_every_n_steps),
-        # checkpoints/step-NNNNNNN/ (staged, marker last, renamed into place) and checkpoints/last.
-        AtomicCheckpoint(run_dir, cfg, trainer_cfg.checkpoint_every_n_steps, trainer_cfg.keep_checkpoints),
+        checkpointer,
+        stop_on_preemption,
         PreviewAndEvaluate(
             run_dir, cfg.eval.prompts, cfg.eval.seed, cfg.eval.sample_every_n_steps, cfg.eval.num_colour_prompts
         ),
     ]
     if trainer_cfg.progress_bar:
         callbacks.append(StepProgressBar(refresh_rate=max(1, trainer_cfg.log_every_n_steps // 2)))
+    if trainer_cfg.debug_step_delay_s > 0:
+        callbacks.append(StepDelay(trainer_cfg.debug_step_delay_s))
     callbacks.extend(extra_callbacks)
     has_val = cfg.data.val_shards is not None and cfg.data.val_batches > 0
+    world_size = trainer_cfg.devices * trainer_cfg.num_nodes
     trainer = L.Trainer(
         max_steps=trainer_cfg.max_steps,
         accelerator=trainer_cfg.accelerator,
@@ -150,46 +185,118 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> None:
         enable_model_summary=False,
         enable_checkpointing=True,  # by AtomicCheckpoint, in place of Lightning's ModelCheckpoint
         default_root_dir=run_dir,
+        # Under SLURM, rank and world size come from SLURM's variables; the preemption signal is
+        # ours (StopOnPreemption), not Lightning's auto-requeue, which saves a checkpoint that
+        # only some ranks agree on and that `trainer.resume=auto` does not pick.
+        plugins=[SLURMEnvironment(auto_requeue=False)] if srun_tasks(world_size) else None,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return stop_on_preemption.stopped_at
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(raw: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # one run directory per sweep job, stable across requeues
+        raw.run_name = f"{raw.run_name}-{hydra_cfg.job.num}"
     try:
         cfg = load_config(raw)
     except ConfigError as error:
         print(f"sd3train-train: {error}", file=sys.stderr)
         sys.exit(CONFIG_EXIT_CODE)
-    sys.exit(run_guarded(cfg))
+    status, finished = run_to_end(cfg)
+    # In a sweep, returning lets the launcher (submitit) record the job as done: only when training
+    # is. A job stopped for preemption exits instead, and the launcher waits for its requeued run.
+    if status != 0 or not finished or hydra_cfg.mode != RunMode.MULTIRUN:
+        sys.exit(status)
 
 
 def run_guarded(cfg: TrainConfig) -> int:
     """`fit(cfg)`, turning the failures we expect into documented exit statuses (README)."""
+    return run_to_end(cfg)[0]
+
+
+def run_to_end(cfg: TrainConfig) -> tuple[int, bool]:
+    """(exit status, whether training reached trainer.max_steps): `run_guarded` that also says
+    whether it stopped for preemption."""
     import torch
 
     from sd3train.data.skips import DataBudgetError
     from sd3train.lit.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError
 
     try:
-        fit(cfg)
+        try:
+            stopped_at = fit(cfg)
+        finally:
+            preemption.ignore_from_now()
     except ConfigError as error:  # found once the run directory is known (trainer.resume)
         print(f"sd3train-train: {error}", file=sys.stderr)
-        return CONFIG_EXIT_CODE
+        return CONFIG_EXIT_CODE, False
     except NonFiniteError as error:
         print(f"sd3train-train: {error}", file=sys.stderr)
-        return NONFINITE_EXIT_CODE
+        return NONFINITE_EXIT_CODE, False
     except torch.OutOfMemoryError as error:
         rank = os.environ.get("RANK", "0")
         summary = torch.cuda.memory_summary(abbreviated=True) if torch.cuda.is_available() else "(no CUDA device)"
         print(f"sd3train-train: out of memory on rank {rank}: {str(error).splitlines()[0]}\n{summary}\n"
               "No checkpoint was written for the failed step; lower data.batch_size, turn on "
               "model.activation_checkpointing, or shard more (strategy=zero2|zero3).", file=sys.stderr)
-        return OOM_EXIT_CODE
+        return OOM_EXIT_CODE, False
     except DataBudgetError as error:
         print(f"sd3train-train: {error}", file=sys.stderr)
-        return DATA_BUDGET_EXIT_CODE
-    return 0
+        return DATA_BUDGET_EXIT_CODE, False
+    if stopped_at is not None:
+        return requeue_after_preemption(stopped_at), False
+    return 0, True
+
+
+def _global_rank() -> int:
+    """This process's rank once `fit` has returned: from the process group while there is one,
+    else (a strategy that destroys it at teardown, CPU DeepSpeed) from the launcher's variables."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
+def requeue_after_preemption(step: int) -> int:
+    """After the stop checkpoint at `step`: close the W&B run, wait for every rank, then rank 0
+    requeues the SLURM job (which ends every task). Exit status 0 when requeued, else 6, the same
+    on every rank."""
+    import torch.distributed as dist
+
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()  # flushed now: SLURM's SIGTERM follows the requeue
+    except ImportError:
+        pass
+    # SIGTERM, which the requeue makes SLURM send to every task, is ignored since the stop
+    # (StopOnPreemption): each task still says what happened and exits with its status.
+    grouped = dist.is_available() and dist.is_initialized()
+    if grouped:
+        dist.barrier()
+    status = 0
+    if _global_rank() == 0:
+        requeued, message = preemption.requeue()
+        if requeued:
+            print(f"sd3train-train: stopped for preemption at step {step} (checkpoint saved); {message}", flush=True)
+        else:
+            print(f"sd3train-train: stopped for preemption at step {step} (checkpoint saved) but {message}; run "
+                  "the same command again to continue from it (trainer.resume=auto)", file=sys.stderr, flush=True)
+            status = PREEMPTED_EXIT_CODE
+    if grouped:
+        # The other ranks stay until rank 0 has requeued: under `srun --kill-on-bad-exit` one of
+        # them failing on its way out would otherwise kill rank 0 before the requeue.
+        answer = [status]
+        dist.broadcast_object_list(answer, src=0)
+        status = answer[0]
+    return status
 
 
 def main() -> None:

@@ -189,6 +189,12 @@ class DataConfig:
     # Where the synthetic caption is: a sidecar extension ("syn.txt") or a JSON field ("json:syn_caption").
     # None: every sample uses its original caption.
     synthetic_caption_key: Optional[str] = None
+    # A folder written by sd3train-caption (relative paths from the repo root): per shard a table
+    # of synthetic captions by sample key, joined as the shard is read (sd3train/data/caption_tables.py).
+    # It comes first; with synthetic_caption_key also set, a sample the table lacks uses its own
+    # synthetic caption, else its original one. With data.cached it only turns the cache's
+    # synthetic captions on (they were embedded at precompute).
+    synthetic_captions: Optional[str] = None
     p_synthetic: float = 0.5  # chance of the synthetic caption, drawn from (seed, key, epoch)
     # The run stops when more than this fraction of the samples read is skipped as bad (blocklisted
     # keys do not count); checked once `skip_budget_min_samples` samples were read, and at each epoch end.
@@ -284,6 +290,9 @@ class TrainerConfig:
     # Debugging the resume tests' negative control: a resumed run draws from other random streams
     # (what a trainer that does not restore its generators does).
     debug_reseed_on_resume: bool = False
+    # Debugging preemption: sleep this long after every optimizer step (a test signals the run
+    # part-way through; the tiny model trains too fast to catch otherwise).
+    debug_step_delay_s: float = 0.0
 
 
 @dataclass

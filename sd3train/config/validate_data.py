@@ -1,5 +1,5 @@
-"""Cross-field checks of the `data` group: buckets against the model's patch grid, the caption mix,
-the bad-data budget, sources, and settings that cannot go together."""
+"""Cross-field checks of the `data` group: buckets against the model's patch grid, the caption mix
+and its caption tables, the bad-data budget, sources, and settings that cannot go together."""
 
 from __future__ import annotations
 
@@ -38,7 +38,43 @@ def data_problems(cfg: TrainConfig, multiple: int) -> list[str]:
                             f"{', '.join('data.' + name for name in per_visit)} must be false")
     if data.blocklist is not None and not resolve_repo_path(data.blocklist).is_file():
         problems.append(f"data.blocklist: {data.blocklist} does not exist")
+    if data.synthetic_captions is not None:
+        problems.extend(_caption_table_problems(data))
     return problems
+
+
+def _caption_table_problems(data) -> list[str]:
+    """A caption folder of sd3train-caption, and shard names that each pick one table of it."""
+    from collections import Counter
+
+    from sd3train.curation.tasks import UsageError
+    from sd3train.data.caption_tables import CAPTION_FORMAT, CAPTION_INFO_NAME, read_caption_info, table_name
+    from sd3train.data.sources import resolve_shard_urls
+
+    folder = resolve_repo_path(data.synthetic_captions)
+    if not folder.is_dir():
+        return [f"data.synthetic_captions: {folder} is not a folder (write one with sd3train-caption)"]
+    info = read_caption_info(folder)
+    if info is None:
+        return [f"data.synthetic_captions: {folder} has no readable {CAPTION_INFO_NAME}: not a folder sd3train-caption wrote"]
+    if info.get("format") != CAPTION_FORMAT:
+        return [f"data.synthetic_captions: {folder}/{CAPTION_INFO_NAME} has format {info.get('format')!r}, "
+                f"this sd3train reads {CAPTION_FORMAT}"]
+    if data.cached:
+        return []  # the cache shards hold the synthetic captions already; no table is read
+    try:
+        urls = [url for spec in ([s.shards for s in data.sources] or [data.shards]) for url in resolve_shard_urls(spec)]
+        names = [table_name(url) for url in urls]
+    except (ValueError, UsageError) as error:
+        return [f"data.synthetic_captions: {error}"]
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        return [f"data.synthetic_captions: several train shards share the file name of caption table "
+                f"{', '.join(repeated[:3])}; a caption folder needs distinct shard names"]
+    if not any((folder / name).is_file() for name in names):
+        return [f"data.synthetic_captions: {folder} has a caption table for none of the {len(urls)} train shard(s) "
+                f"(e.g. {names[0]}); caption these shards with sd3train-caption"]
+    return []
 
 
 def _bucket_problems(cfg: TrainConfig, multiple: int) -> list[str]:

@@ -49,6 +49,9 @@ def trainer_problems(cfg: TrainConfig) -> list[str]:
                         f"an older complete one), got {trainer.keep_checkpoints}")
     if trainer.checkpoint_every_n_steps < 1:
         problems.append(f"trainer.checkpoint_every_n_steps: must be >= 1, got {trainer.checkpoint_every_n_steps}")
+    for name in ("debug_checkpoint_delay_s", "debug_step_delay_s"):
+        if getattr(trainer, name) < 0:
+            problems.append(f"trainer.{name}: must be >= 0, got {getattr(trainer, name)}")
     if any(step < 1 for step in trainer.debug_nan_loss_steps):
         problems.append(f"trainer.debug_nan_loss_steps: steps are 1-based, got {trainer.debug_nan_loss_steps}")
     if trainer.global_batch_size is not None:

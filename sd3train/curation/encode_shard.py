@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sd3train.curation.atomic import replace, sync, temporary_file
+from sd3train.curation.tasks import note_problem
 
 # A sample waits in its bucket's partial batch until at most this many batches' worth of later
 # samples have been read; then that bucket is encoded as it is. Bounds the memory held for
@@ -143,12 +144,15 @@ class Precomputer:
 
     def __init__(self, cfg, encoders: Encoders, dtype_name: str, batch_size: int, keep_truncated: bool = False):
         from sd3train.data.cache_format import DTYPES
+        from sd3train.data.caption_tables import SyntheticCaptions
         from sd3train.data.captions import CaptionField
         from sd3train.data.datamodule import build_decoder
 
         self.decoder = build_decoder(cfg.data, cfg.trainer.seed, train=False)
         key = cfg.data.synthetic_caption_key
         self.synthetic = CaptionField.parse(key) if key else None
+        # data.synthetic_captions: the caption tables come first, the sample's own synthetic caption second.
+        self.captions = SyntheticCaptions.from_config(cfg.data)
         self.encoders = encoders
         self.dtype = DTYPES[dtype_name]
         self.batch_size = batch_size
@@ -188,12 +192,14 @@ class Precomputer:
         """Write the cache shard of `url` to `out_path` (atomically), unless the source cannot be read."""
         import webdataset as wds
 
+        from sd3train.data.caption_tables import ShardCaptions
         from sd3train.data.decoders import Skip
         from sd3train.data.shards import TAR_GROUP, TAR_MODE, TAR_MTIME, TAR_USER
-        from sd3train.data.skips import TRUNCATED_SHARD, UNREADABLE_SHARD
         from sd3train.data.tar_reader import ShardProblem, read_shard
 
         result = ShardResult()
+        # The sample's own synthetic caption, or its shard's caption table first (data.synthetic_captions).
+        synthetic = self.captions.for_shard(url) if self.captions is not None else ShardCaptions({}, self.synthetic)
         descriptor, temporary = temporary_file(out_path.parent, out_path.name)
         try:
             with os.fdopen(descriptor, "wb") as stream:
@@ -209,11 +215,7 @@ class Precomputer:
                 index = 0
                 for event in read_shard(url):
                     if isinstance(event, ShardProblem):
-                        result.skip(event.reason, event.key, event.detail)
-                        if event.reason == UNREADABLE_SHARD or (
-                            event.reason == TRUNCATED_SHARD and not self.keep_truncated
-                        ):
-                            result.failure = f"{event.reason}: {event.detail}"
+                        note_problem(result, event, self.keep_truncated)
                         continue
                     decoded = self.decoder.decode(event, 0)
                     if isinstance(decoded, Skip):
@@ -229,7 +231,7 @@ class Precomputer:
                         image=_pack(images),
                         bucket=bucket,
                         caption=decoded.values["captions"],
-                        synthetic=self.synthetic.read(event.fields) if self.synthetic is not None else None,
+                        synthetic=synthetic.caption(event),
                         original_size=[int(v) for v in decoded.tensors["original_sizes"].tolist()],
                         crop_offset=[int(v) for v in decoded.tensors["crop_offsets"].tolist()],
                     ))

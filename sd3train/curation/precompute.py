@@ -21,8 +21,9 @@ the same order, minus the samples that cannot be used (counted per reason and re
 truncated or unreadable source gets no output and exit status 1, so a rerun retries it;
 `--keep-truncated` publishes the samples before the cut instead); layout in
 `sd3train/data/cache_format.py`. Images are decoded as validation decodes them (centre crop, no
-flip) at their aspect bucket; the original caption and, with `data.synthetic_caption_key`, the
-synthetic one are both encoded. Samples are batched per bucket (`--batch-size`), at most
+flip) at their aspect bucket; the original caption and, with `data.synthetic_caption_key` or
+`data.synthetic_captions` (caption tables of sd3train-caption, joined by key; the table first),
+the synthetic one are both encoded. Samples are batched per bucket (`--batch-size`), at most
 `REORDER_WINDOW_BATCHES` (`encode_shard.py`) batches' worth of samples waiting, and written in
 source order.
 
@@ -32,7 +33,8 @@ its rerun deletes. Tar headers are fixed, and the batching is a function of the 
 same inputs, settings and software give byte-identical shards whatever the task split.
 
 `DIR/cache_info.json` records the settings the cache depends on (format, dtype, `vae`, `text`
-without its training-time dropout, and the data settings in `DATA_FIELDS`); every task writes the
+without its training-time dropout, the data settings in `DATA_FIELDS`, and the caption folder
+when `data.synthetic_captions` is set); every task writes the
 same one, and a run whose settings differ from an existing one exits with status 2 naming them.
 
 Exit status: 0 done; 1 some source shards could not be read (the others are done; rerun to retry
@@ -44,17 +46,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from sd3train.curation.atomic import publish_once, remove_leftovers, sync, temporary_file
 from sd3train.curation.encode_shard import Encoders, Precomputer
+from sd3train.curation.tasks import (  # noqa: F401 (part of this module's interface)
+    ShardTally,
+    UsageError,
+    pick_device,
+    assigned,
+    output_name,
+    resolve_task,
+)
 from sd3train.data.cache_info import (  # noqa: F401 (DATA_FIELDS re-exported)
     CACHE_INFO_NAME,
     DATA_FIELDS,
@@ -66,11 +73,8 @@ PROG = "sd3train-precompute"
 USAGE_EXIT_CODE = 2
 FAILED_SHARDS_EXIT_CODE = 1
 DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the keys of cache_format.DTYPES (not imported: --help stays fast)
-COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
-class UsageError(Exception):
-    """A problem with the command line, the config or the output folder: exit status 2."""
 
 
 def log(message: str) -> None:
@@ -103,69 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                         help="Hydra overrides, as for sd3train-train (experiment=..., data.shards=...)")
     return parser
-
-
-def _env_int(environ: Mapping[str, str], name: str) -> int | None:
-    value = environ.get(name)
-    if value is None or value.strip() == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"{name}={value!r} is not an integer") from None
-
-
-def resolve_task(
-    task_index: int | None, num_tasks: int | None, environ: Mapping[str, str] = os.environ
-) -> tuple[int, int]:
-    """(task index, number of tasks): the flags, else the Slurm array variables, else (0, 1)."""
-    if num_tasks is None:
-        num_tasks = _env_int(environ, "SLURM_ARRAY_TASK_COUNT") or 1
-    if task_index is None:
-        task_id = _env_int(environ, "SLURM_ARRAY_TASK_ID")
-        if task_id is None:
-            task_index = 0
-        else:
-            first = _env_int(environ, "SLURM_ARRAY_TASK_MIN") or 0
-            step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") or 1
-            task_index = (task_id - first) // step
-    if num_tasks < 1:
-        raise UsageError(f"--num-tasks must be >= 1, got {num_tasks}")
-    if not 0 <= task_index < num_tasks:
-        raise UsageError(f"task index {task_index} is outside 0..{num_tasks - 1} (--num-tasks {num_tasks}); "
-                         "set --task-index, or check SLURM_ARRAY_TASK_ID/_MIN/_COUNT")
-    return task_index, num_tasks
-
-
-def assigned(urls: list[str], task_index: int, num_tasks: int) -> list[str]:
-    return [url for index, url in enumerate(urls) if index % num_tasks == task_index]
-
-
-def output_name(url: str) -> str:
-    """The cache shard's file name for a source url: its basename (a compressed tar gives `.tar`)."""
-    if url.startswith("pipe:"):
-        # The first argument of the command that names a tar: `pipe:aws s3 cp s3://b/x.tar -` -> x.tar.
-        try:
-            tokens = shlex.split(url[len("pipe:"):])
-        except ValueError:
-            tokens = url[len("pipe:"):].split()
-        paths = [token for token in tokens if _tar_name(token.rstrip("/").rsplit("/", 1)[-1])]
-        base = paths[0].rstrip("/").rsplit("/", 1)[-1] if paths else ""
-    elif "://" in url:
-        base = urlparse(url).path.rsplit("/", 1)[-1]
-    else:
-        base = Path(url.removeprefix("file:")).name
-    name = _tar_name(base)
-    if name is None:
-        raise UsageError(f"cannot name the cache shard for {url!r}: its file name does not end in .tar")
-    return name
-
-
-def _tar_name(base: str) -> str | None:
-    for suffix in COMPRESSED_TAR_SUFFIXES:
-        if base.endswith(suffix) and len(base) > len(suffix):
-            return base[: -len(suffix)] + ".tar"
-    return base if base.endswith(".tar") and len(base) > len(".tar") else None
 
 
 # --------------------------------------------------------------------- config
@@ -224,20 +165,6 @@ def ensure_cache_info(folder: Path, info: dict[str, Any]) -> bool:
 # ----------------------------------------------------------------------- main
 
 
-def _counts(counter: Mapping[str, int]) -> str:
-    return ", ".join(f"{reason} {count}" for reason, count in sorted(counter.items()))
-
-
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return requested
-
-
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -276,37 +203,16 @@ def run(args: argparse.Namespace) -> int:
         f"already done -> {out} ({args.dtype}, batch {args.batch_size}, {device})"
         + (f"; removed {removed} temporary file(s) of an interrupted run" if removed else ""))
 
-    samples, skipped, examples, failed = 0, Counter(), {}, []
-    start = time.perf_counter()
+    tally = ShardTally(log, total=len(todo), unit="samples")
     if todo:
         precomputer = Precomputer(cfg, Encoders(cfg, device), args.dtype, args.batch_size, args.keep_truncated)
-        start = time.perf_counter()  # samples/s below is the encoding rate, model loading left out
-        for number, (url, name) in enumerate(todo, 1):
+        tally.restart_clock()  # samples/s below is the encoding rate, model loading left out
+        for url, name in todo:
             shard_start = time.perf_counter()
             result = precomputer.run(url, out / name)
-            seconds = time.perf_counter() - shard_start
-            skipped.update(result.skipped)
-            for reason, example in result.examples.items():
-                examples.setdefault(reason, example)
-            where = f"[{number}/{len(todo)}] {name}"
-            if result.failure is not None:
-                failed.append(url)
-                log(f"{where}: FAILED, cannot read {url}: {result.failure}")
-                continue
-            samples += result.samples
-            skips = f", skipped {sum(result.skipped.values())} ({_counts(result.skipped)})" if result.skipped else ""
-            log(f"{where}: {result.samples} samples{skips} in {seconds:.1f} s "
-                f"({result.samples / max(seconds, 1e-9):.1f} samples/s)")
-    seconds = time.perf_counter() - start
-    if skipped:
-        log("skipped samples: " + _counts(skipped) + "; e.g. "
-            + "; ".join(f"{reason}: {example}" for reason, example in sorted(examples.items())))
-    log(f"done: {len(todo) - len(failed)} shard(s) written, {len(mine) - len(todo)} skipped (already there), "
-        f"{len(failed)} failed; {samples} samples in {seconds:.1f} s ({samples / max(seconds, 1e-9):.1f} samples/s)")
-    if failed:
-        log(f"{len(failed)} source shard(s) could not be read (nothing written for them); rerun to retry")
-        return FAILED_SHARDS_EXIT_CODE
-    return 0
+            tally.add(name, url, result.samples, result.skipped, result.examples, result.failure,
+                      time.perf_counter() - shard_start)
+    return tally.finish(already_done=len(mine) - len(todo))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,10 @@ def cache_info(cfg, dtype_name: str) -> dict[str, Any]:
         "text": text,
         "data": {name: getattr(cfg.data, name) for name in DATA_FIELDS},
     }
+    if cfg.data.synthetic_captions is not None:  # recorded only when set: older caches stay valid
+        from sd3train.paths import resolve_repo_path
+
+        info["data"]["synthetic_captions"] = str(resolve_repo_path(cfg.data.synthetic_captions))
     return json.loads(json.dumps(info))  # tuples -> lists: compares equal to what is read back
 
 
@@ -53,8 +57,8 @@ def _describe(value: Any, missing: object) -> str:
     return "nothing" if value is missing else json.dumps(value)
 
 
-def info_differences(existing: Any, wanted: dict[str, Any]) -> list[str]:
-    """'key: cache has X, this run has Y' for every setting that differs."""
+def info_differences(existing: Any, wanted: dict[str, Any], label: str = "cache") -> list[str]:
+    """'key: cache has X, this run has Y' for every setting that differs (`label` names the folder's kind)."""
     if not isinstance(existing, dict):
         return [f"the file holds {type(existing).__name__}, not the settings object"]
     old, new = _flatten(existing), _flatten(wanted)
@@ -63,13 +67,14 @@ def info_differences(existing: Any, wanted: dict[str, Any]) -> list[str]:
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key, missing), new.get(key, missing)
         if before != after:
-            lines.append(f"{key}: cache has {_describe(before, missing)}, this run has {_describe(after, missing)}")
+            lines.append(f"{key}: {label} has {_describe(before, missing)}, this run has {_describe(after, missing)}")
     return lines
 
 
 # What training must match; caption keys and dtype may differ (training picks captions by
-# data.synthetic_caption_key and casts the cached tensors to fp32).
-_TRAINING_IGNORES = ("dtype", "data.image_key", "data.caption_key", "data.synthetic_caption_key")
+# data.synthetic_caption_key or data.synthetic_captions and casts the cached tensors to fp32).
+_TRAINING_IGNORES = ("dtype", "data.image_key", "data.caption_key", "data.synthetic_caption_key",
+                     "data.synthetic_captions")
 
 
 def read_cache_info(folder: str | Path) -> Any:

@@ -33,12 +33,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from sd3train.config.schema import DataConfig
-from sd3train.data.buckets import make_buckets, square_bucket
-from sd3train.data.captions import CaptionField
-from sd3train.data.decoders import ImageDecoder, parse_extensions
+from sd3train.data.builders import build_captions, build_decoder, build_plan
 from sd3train.data.loaders import TrainBatches, TrainShardStream, ValShardStream
-from sd3train.data.skips import REASONS, SkipLedger, load_blocklist
-from sd3train.data.sources import ShardPlan, Source, missing_local_shards, resolve_shard_urls
+from sd3train.data.skips import LOG, REASONS, SkipLedger, load_blocklist
+from sd3train.data.sources import missing_local_shards, resolve_shard_urls
 from sd3train.data.stream import DATA_KEY, Replay, StreamSpec, keys_digest
 from sd3train.paths import REPO_ROOT, resolve_repo_path
 
@@ -49,43 +47,9 @@ STATE_VERSION = 3
 STREAM_FIELDS = (
     "shards", "sources", "resolution", "aspect_buckets", "bucket_step", "max_aspect_ratio", "random_crop",
     "random_flip", "min_size", "batch_size", "num_workers", "shuffle_buffer", "resampled", "shards_per_epoch",
-    "drop_partial_batches", "image_key", "caption_key", "synthetic_caption_key", "p_synthetic", "blocklist", "cached",
+    "drop_partial_batches", "image_key", "caption_key", "synthetic_caption_key", "synthetic_captions", "p_synthetic",
+    "blocklist", "cached",
 )
-
-
-def bucket_list(cfg: DataConfig) -> list:
-    if cfg.aspect_buckets:
-        return make_buckets(cfg.resolution * cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
-    return square_bucket(cfg.resolution)
-
-
-def build_decoder(cfg: DataConfig, seed: int, train: bool = True):
-    """The sample decoder for `cfg`; validation (`train=False`) has no random crop, flip or synthetic captions."""
-    if cfg.cached:
-        from sd3train.data.cache_format import CachedDecoder  # imports safetensors only when used
-
-        return CachedDecoder(
-            synthetic=cfg.synthetic_caption_key is not None and train, p_synthetic=cfg.p_synthetic, seed=seed
-        )
-    return ImageDecoder(
-        buckets=tuple(bucket_list(cfg)),
-        image_extensions=tuple(parse_extensions(cfg.image_key)),
-        caption=CaptionField.parse(cfg.caption_key),
-        synthetic=CaptionField.parse(cfg.synthetic_caption_key) if cfg.synthetic_caption_key and train else None,
-        p_synthetic=cfg.p_synthetic,
-        seed=seed,
-        min_size=cfg.min_size,
-        random_crop=cfg.random_crop and train,
-        random_flip=cfg.random_flip and train,
-    )
-
-
-def build_plan(cfg: DataConfig, seed: int) -> ShardPlan:
-    if cfg.sources:
-        sources = [Source(tuple(resolve_shard_urls(s.shards)), s.weight) for s in cfg.sources]
-    else:
-        sources = [Source(tuple(resolve_shard_urls(cfg.shards)))]
-    return ShardPlan(sources, seed, cfg.resampled, cfg.shards_per_epoch)
 
 
 def _rank_and_world_size(trainer: Any) -> tuple[int, int]:
@@ -122,6 +86,7 @@ class ShardDataModule(lightning.LightningDataModule):
         self.plan = build_plan(cfg, self.seed)
         self.decoder = build_decoder(cfg, self.seed, train=True)
         self.val_decoder = build_decoder(cfg, self.seed, train=False)
+        self.captions = build_captions(cfg)
         self.val_urls = resolve_shard_urls(cfg.val_shards) if cfg.val_shards else []
         self.rank, self.world_size = 0, 1
         self._reset_position(epoch=0)
@@ -243,6 +208,12 @@ class ShardDataModule(lightning.LightningDataModule):
         for source in self.plan.sources:
             self._check_local(list(source.urls), "train")
         self._check_local(self.val_urls, "val")
+        if self.captions is not None:
+            urls = [url for source in self.plan.sources for url in source.urls]
+            missing = self.captions.missing(urls)
+            if missing:
+                LOG.warning("%d of %d train shard(s) have no caption table in %s (first %s): their samples keep "
+                            "their own captions", len(missing), len(urls), self.captions.folder, missing[0])
         self._shards_checked = True
 
     def train_dataloader(self) -> TrainBatches:
@@ -261,7 +232,7 @@ class ShardDataModule(lightning.LightningDataModule):
         spec = StreamSpec(
             plan=self.plan, decoder=self.decoder, batch_size=self.cfg.batch_size,
             shuffle_buffer=self.cfg.shuffle_buffer, seed=self.seed, blocklist=blocklist,
-            drop_partial=self.cfg.drop_partial_batches,
+            drop_partial=self.cfg.drop_partial_batches, captions=self.captions,
         )
 
         rank, world_size = self.rank, self.world_size  # not `self` in the closure: no reference cycle

@@ -1,9 +1,10 @@
 """One (rank, DataLoader worker)'s training batches for one epoch, and how resume replays them.
 
 The stream of a worker in an epoch is a pure function of (plan, seed, epoch, rank, worker,
-decoder, batch size, shuffle buffer, blocklist):
+decoder, batch size, shuffle buffer, blocklist, caption tables):
 
-    shards (ShardPlan) -> samples (read_shard; problems counted) -> blocklist -> shuffle buffer
+    shards (ShardPlan) -> samples (read_shard; problems counted) -> blocklist -> caption table
+    join (caption_tables.py: each shard's synthetic captions by key) -> shuffle buffer
     seeded ("samples", seed, epoch, rank, worker) -> probe/decode -> per-bucket batches
 
 A batch is emitted when its bucket fills; at the end of the epoch each partly filled bucket is
@@ -36,6 +37,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sd3train.data.caption_tables import SyntheticCaptions
 from sd3train.data.decoders import Decoded, Skip, collate
 from sd3train.data.skips import BLOCKLISTED, DECODE_ERROR, NOT_BAD, TRUNCATED_SHARD, UNREADABLE_SHARD, log_skip
 from sd3train.data.sources import ShardPlan
@@ -98,6 +100,7 @@ class StreamSpec:
     seed: int
     blocklist: frozenset[str] = field(default_factory=frozenset)
     drop_partial: bool = False
+    captions: Optional[SyntheticCaptions] = None  # caption tables joined by key as each shard is read
 
 
 class _Report:
@@ -127,9 +130,12 @@ class _Report:
 
 
 def _raw_samples(spec: StreamSpec, urls: list[str], report: _Report, live: list[bool]) -> Iterator[RawSample]:
-    """Samples of `urls` in order; shard problems and blocklisted keys are counted, not yielded."""
+    """Samples of `urls` in order; shard problems and blocklisted keys are counted, not yielded.
+
+    With caption tables, each sample carries its synthetic caption from its shard's table."""
     for url in urls:
         report.shards_opened += 1
+        captions = spec.captions.for_shard(url, log=live[0]) if spec.captions is not None else None
         for item in read_shard(url):
             report.read += 1
             if isinstance(item, ShardProblem):
@@ -140,7 +146,7 @@ def _raw_samples(spec: StreamSpec, urls: list[str], report: _Report, live: list[
             elif item.key in spec.blocklist:
                 report.skip(BLOCKLISTED, item.url)
             else:
-                yield item
+                yield item if captions is None else captions.attach(item)
 
 
 def stream_epoch(

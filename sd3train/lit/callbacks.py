@@ -144,6 +144,8 @@ class PreviewAndEvaluate(L.Callback):
             self._preview(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step < trainer.max_steps:  # stopped early (preemption): not the end yet
+            return
         self._preview(trainer, pl_module)
         if not self.num_colour_prompts or not self._generates(trainer):
             return
@@ -157,3 +159,14 @@ class PreviewAndEvaluate(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
         print(f"eval/colour_adherence = {score:.3f} over {len(prompts)} prompts (seeds from {self.seed})")
+
+
+class StepDelay(L.Callback):
+    """Sleep after every training batch (`trainer.debug_step_delay_s`): lets a test signal a run
+    that would otherwise finish before the signal arrives."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)

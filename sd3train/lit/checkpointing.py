@@ -290,6 +290,7 @@ class AtomicCheckpoint(Checkpoint):
         self.keep = keep
         self.delay_s = float(getattr(getattr(cfg, "trainer", None), "debug_checkpoint_delay_s", 0.0) or 0.0)
         self._last_considered = -1  # the step last saved or deliberately not saved
+        self._last_saved = -1
         self._written = 0  # checkpoints this process wrote
         self.published: list[Path] = []  # what this process published (rank 0), in order
 
@@ -303,22 +304,27 @@ class AtomicCheckpoint(Checkpoint):
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         # A resumed run starts at the step it was restored from: that one is saved already.
         self._last_considered = trainer.global_step if trainer.global_step > 0 else -1
+        self._last_saved = self._last_considered
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         # Per micro-batch under gradient accumulation: the step is considered once.
         if step == 0 or step == self._last_considered or step % self.every_n_steps != 0:
             return
-        self._save_unless_poisoned(trainer, pl_module, step)
+        self.save_step(trainer, pl_module, step)
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         step = trainer.global_step
         if step > 0 and step != self._last_considered:
-            self._save_unless_poisoned(trainer, pl_module, step)
+            self.save_step(trainer, pl_module, step)
 
     # Saving
 
-    def _save_unless_poisoned(self, trainer, pl_module, step: int) -> None:
+    def save_step(self, trainer, pl_module, step: int) -> Optional[Path]:
+        """Checkpoint `step` (the step just taken) unless it was skipped as non-finite; call on every
+        rank. Returns its directory, None when not written. A step considered before is not redone."""
+        if step == self._last_considered:  # the same answer on every rank, whatever the filesystem
+            return self.checkpoint_dir / step_dir_name(step) if step == self._last_saved else None
         self._last_considered = step
         poisoned = bool(getattr(pl_module, "last_step_nonfinite", False))
         # Every rank must take the same branch: save_checkpoint is collective.
@@ -326,8 +332,8 @@ class AtomicCheckpoint(Checkpoint):
         if poisoned:
             rank_zero_warn(f"step {step} was skipped as non-finite: not writing its checkpoint "
                            f"(the newest stays {last_target(self.checkpoint_dir) or 'none'})")
-            return
-        self.save(trainer, step)
+            return None
+        return self.save(trainer, step)
 
     def save(self, trainer: "L.Trainer", step: int) -> Path:
         """Write, publish and prune the checkpoint of `step`; call on every rank. Returns step-N/."""
@@ -353,6 +359,7 @@ class AtomicCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             self._publish(trainer, step, staging, final, checkpoint, time.monotonic() - started)
         strategy.barrier("AtomicCheckpoint.published")
+        self._last_saved = step
         return final
 
     def _publish(self, trainer, step: int, staging: Path, final: Path, checkpoint: Path, seconds: float) -> None:

@@ -9,13 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from process_runs import open_fifo_writer, wait_until
 from safetensors.torch import load as load_safetensors
 
 from sd3train.curation import precompute
@@ -218,31 +218,6 @@ def test_task_defaults_come_from_the_slurm_array(sources, reference, tmp_path, m
 # -------------------------------------------------------------- kill, rerun
 
 
-def _wait_for(condition, what: str, process: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None or time.monotonic() > deadline:
-            state = f"exited with {process.returncode}" if process.poll() is not None else "timed out"
-            raise AssertionError(f"waiting for {what}: precompute {state}\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
-def _open_fifo_writer(path: Path, process: subprocess.Popen, log: Path) -> int:
-    """The FIFO's write end, once the precompute process has opened it for reading."""
-    descriptor: list[int] = []
-
-    def opened() -> bool:
-        try:
-            descriptor.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-            return True
-        except OSError:  # ENXIO: no reader yet
-            return False
-
-    _wait_for(opened, f"the reader of {path.name}", process, log)
-    os.set_blocking(descriptor[0], True)
-    return descriptor[0]
-
-
 def test_killed_run_rerun_gives_the_uninterrupted_shards(sources, reference, tmp_path):
     """SIGKILL while the second shard is half written; the rerun finishes with identical shards.
 
@@ -267,14 +242,14 @@ def test_killed_run_rerun_gives_the_uninterrupted_shards(sources, reference, tmp
                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     writer = None
     try:
-        _wait_for(lambda: (out / "train-000000.tar").exists(), "the first cache shard", process, log)
-        writer = _open_fifo_writer(source / "train-000001.tar", process, log)
+        wait_until(lambda: (out / "train-000000.tar").exists(), "the first cache shard", process, log)
+        writer = open_fifo_writer(source / "train-000001.tar", process, log)
         os.write(writer, second[: len(second) * 3 // 4])  # about 12 of its 16 samples: 2 batches written
 
         def partial() -> list[Path]:
             return [path for path in out.glob(f".train-000001.tar{TEMP_MARK}*") if path.stat().st_size > 0]
 
-        _wait_for(lambda: bool(partial()), "a partly written second shard", process, log)
+        wait_until(lambda: bool(partial()), "a partly written second shard", process, log)
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL
     finally:

@@ -57,3 +57,39 @@ def test_bad_flags_are_usage_errors(capsys):
     assert "--nodes must be >= 1" in capsys.readouterr().err
     assert main(["--dry-run", "--tasks-per-node", "2", "experiment=tiny_cpu"]) == 2
     assert "only for CPU tasks" in capsys.readouterr().err
+
+
+def test_a_curation_tool_is_an_array_job_with_its_flags_after_the_separator(capsys, tmp_path):
+    script = _dry_run(capsys, "--tool", "precompute", "--array", "0-63%16", "--gpus-per-node", "1", "--",
+                      "--out", "/data/cache", "--batch-size", "32", "experiment=tiny_cpu", "data.shards=/d/{0..9}.tar")
+    lines = script.splitlines()
+    sbatch = [line for line in lines if line.startswith("#SBATCH")]
+    assert sbatch == [
+        "#SBATCH --job-name=sd3-precompute",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --time=24:00:00",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --array=0-63%16",
+        "#SBATCH --output=slurm-%x-%A_%a.out",
+    ]
+    assert "TOOL=precompute" in lines
+    assert "OVERRIDES=(--out /data/cache --batch-size 32 experiment=tiny_cpu 'data.shards=/d/{0..9}.tar' \"$@\")" in lines
+    assert 'srun "sd3train-${TOOL}" "${OVERRIDES[@]}"' in lines
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    dedup = _dry_run(capsys, "--tool", "dedup", "--array", "0-7", "--", "embed", "--out", "/data/dedup")
+    assert "TOOL=dedup" in dedup.splitlines() and "OVERRIDES=(embed --out /data/dedup \"$@\")" in dedup.splitlines()
+
+
+def test_array_and_tool_must_come_together(capsys):
+    assert main(["--dry-run", "--array", "0-3", "experiment=tiny_cpu"]) == 2
+    assert "--array is for curation tools" in capsys.readouterr().err
+    assert main(["--dry-run", "--tool", "caption", "--", "--out", "x"]) == 2
+    assert "--tool caption needs --array" in capsys.readouterr().err
+    assert main(["--dry-run", "--tool", "caption", "--array", "zero-to-three"]) == 2
+    assert "is not SLURM's array syntax" in capsys.readouterr().err

@@ -14,6 +14,8 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
+from testing_helpers import tiny_config
+from tiny_lightning import TinyModule
 
 from sd3train.config.typed import ConfigError, to_plain
 from sd3train.lit import checkpointing
@@ -31,7 +33,6 @@ from sd3train.lit.checkpointing import (
     step_dir_name,
 )
 from sd3train.train import resume_checkpoint
-from testing_helpers import tiny_config
 
 
 def make_checkpoint(root: Path, step: int, *, marker: object = "ok", checkpoint: bool = True,
@@ -207,28 +208,6 @@ def test_stale_leftovers_are_removed_and_a_moved_aside_checkpoint_restored(tmp_p
 
 
 # -- the callback in a real Lightning fit ------------------------------------------------------------
-
-class TinyModule(L.LightningModule):
-    """Steps whose number is in `poisoned` report themselves skipped as non-finite."""
-
-    def __init__(self, poisoned=()):
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 1)
-        self.poisoned = set(poisoned)
-        self.last_step_nonfinite = False
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch).pow(2).mean()
-
-    def on_after_backward(self):  # decided before the optimizer step, as the guard does
-        self.last_step_nonfinite = self.global_step + 1 in self.poisoned
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randn(64, 3), batch_size=4)
-
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
