@@ -14,7 +14,8 @@ per array index (--array, SLURM's syntax: 0-63, 0-63%16), each running `sd3train
 share of the shards; arguments after `--` go to the tool verbatim (flags included).
 
 The script is written to runs/submit/<job name>-<time>.sbatch and handed to `sbatch`; --dry-run
-prints it instead. `--gpus-per-node 0` submits CPU tasks (one per --tasks-per-node), as the tests do.
+prints it instead. Its default environment is the one sd3train-submit runs from (SD3TRAIN_VENV
+in the job's environment overrides it). `--gpus-per-node 0` submits CPU tasks (one per --tasks-per-node), as the tests do.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ TEMPLATE = REPO_ROOT / "launch" / "slurm" / "train.sbatch"
 CURATE_TEMPLATE = REPO_ROOT / "launch" / "slurm" / "curate.sbatch"
 TOOLS = ("train", "precompute", "dedup", "caption")
 _TOOL_LINE = re.compile(r"^TOOL=\S+$")
-_ARRAY = re.compile(r"^\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?$")
+# One range (with an optional step and %limit): the tools number tasks from SLURM_ARRAY_TASK_MIN,
+# _STEP and _COUNT, which a list such as 0,4,8 does not describe.
+_ARRAY = re.compile(r"^\d+(-\d+(:\d+)?)?(%\d+)?$")
 USAGE_EXIT_CODE = 2
 _SBATCH_LINE = re.compile(r"^#SBATCH\s")
 _OVERRIDES_LINE = 'OVERRIDES=("$@")'
+_VENV_DEFAULT = '"${SD3TRAIN_VENV:-.venv}/bin/activate"'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,9 +106,22 @@ def sbatch_lines(args: argparse.Namespace) -> list[str]:
     return [f"#SBATCH {option}" for option in options]
 
 
-def render(template: str, lines: list[str], overrides: list[str], tool: str | None = None) -> str:
-    """The template with its #SBATCH block replaced by `lines`, the overrides written in and, for a
-    curation template, its TOOL= line set to `tool`."""
+def submitting_venv() -> str | None:
+    """The virtual environment sd3train-submit runs from (None outside one): the job's default, so
+    a job submitted from any directory finds the same installation."""
+    return sys.prefix if sys.prefix != sys.base_prefix else None
+
+
+def _bash_double_quoted(text: str) -> str:
+    """`text` safe inside a double-quoted bash word."""
+    return "".join("\\" + char if char in '\\"$`' else char for char in text)
+
+
+def render(template: str, lines: list[str], overrides: list[str], tool: str | None = None,
+           venv: str | None = None) -> str:
+    """The template with its #SBATCH block replaced by `lines`, the overrides written in, the
+    default environment set to `venv` (when given) and, for a curation template, its TOOL= line
+    set to `tool`."""
     out: list[str] = []
     placed = False
     for line in template.splitlines():
@@ -117,6 +134,8 @@ def render(template: str, lines: list[str], overrides: list[str], tool: str | No
             line = "OVERRIDES=(" + " ".join(shlex.quote(arg) for arg in overrides) + ' "$@")'
         if tool is not None and _TOOL_LINE.match(line.strip()):
             line = f"TOOL={tool}"
+        if venv is not None and _VENV_DEFAULT in line:
+            line = line.replace(_VENV_DEFAULT, f'"${{SD3TRAIN_VENV:-{_bash_double_quoted(venv)}}}/bin/activate"')
         out.append(line)
     if not placed or not any(line.startswith("OVERRIDES=(") for line in out):
         raise ValueError(f"the template has no #SBATCH block or no {_OVERRIDES_LINE} line")
@@ -134,7 +153,8 @@ def _problems(args: argparse.Namespace) -> list[str]:
     if args.tool != "train" and args.array is None:
         problems.append(f"--tool {args.tool} needs --array (e.g. --array 0-63: one task per index)")
     if args.array is not None and not _ARRAY.match(args.array):
-        problems.append(f"--array {args.array!r} is not SLURM's array syntax (e.g. 0-63, 0-63%16, 0,4,8)")
+        problems.append(f"--array {args.array!r} is not one range of SLURM's array syntax (e.g. 0-63, 0-63%16, "
+                        "0-62:2); to redo some tasks, submit the whole range again: finished shards are skipped")
     if not args.template.is_file():
         problems.append(f"template {args.template} does not exist")
     return problems
@@ -157,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: " + "; ".join(problems), file=sys.stderr)
         return USAGE_EXIT_CODE
     tool = None if args.tool == "train" else args.tool
-    script = render(args.template.read_text(), sbatch_lines(args), overrides + tool_args, tool)
+    script = render(args.template.read_text(), sbatch_lines(args), overrides + tool_args, tool, submitting_venv())
     if args.dry_run:
         sys.stdout.write(script)
         return 0

@@ -199,9 +199,12 @@ def _hydra_main(raw: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    # Again here: a sweep job launched by submitit runs this function unpickled, without importing
+    # this module (under `python -m sd3train.train` it is pickled by value).
+    preemption.install_handler()
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:  # one run directory per sweep job, stable across requeues
-        raw.run_name = f"{raw.run_name}-{hydra_cfg.job.num}"
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        raw.run_name = sweep_run_name(raw.run_name, hydra_cfg.job.num, list(hydra_cfg.overrides.task))
     try:
         cfg = load_config(raw)
     except ConfigError as error:
@@ -212,6 +215,16 @@ def _hydra_main(raw: DictConfig) -> None:
     # is. A job stopped for preemption exits instead, and the launcher waits for its requeued run.
     if status != 0 or not finished or hydra_cfg.mode != RunMode.MULTIRUN:
         sys.exit(status)
+
+
+def sweep_run_name(run_name: str, job_number: int, overrides: list[str]) -> str:
+    """A sweep job's run name: `<run_name>-<job number>-<digest of its overrides>`. The same for a
+    requeued job (so it resumes), another for the same job number of a sweep over other values (so
+    it never resumes a run it is not)."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
+    return f"{run_name}-{job_number}-{digest}"
 
 
 def run_guarded(cfg: TrainConfig) -> int:

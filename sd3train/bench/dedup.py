@@ -5,8 +5,8 @@ k-means + per-cluster search over synthetic SSCD-like descriptors.
     python -m sd3train.bench.dedup --out DIR --descriptors 1000000 --clusters 10000 --json
 
 Embed: `--images` JPEG photos (640x480, quality 90, gradients with noise as in bench/data.py) in
-one shard, embedded by the embed stage's own `Embedder` (tar read + JPEG decode with libjpeg
-draft scaling + preprocessing + model + the per-shape batching), one pass untimed first:
+one shard, embedded by the embed stage's own `Embedder` (tar read + JPEG decode (libjpeg's
+draft scaling for the thumbnail; full size for SSCD) + preprocessing + model + the per-shape batching), one pass untimed first:
 - `thumbnail_per_s`: the thumbnail descriptor, `--threads` decoding threads;
 - `sscd_cpu_per_s`: SSCD (random weights: speed does not depend on them) at the authors' `small288`
   (640x480 -> 384x288), batch `--batch-size`, all torch threads of this machine;

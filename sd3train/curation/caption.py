@@ -11,7 +11,8 @@ training stream joins each shard's table to its samples by key, so the image sha
 rewritten (`sd3train/data/caption_tables.py`; sd3train-precompute reads the tables the same way).
 
 `--shards` takes what `data.shards` takes (brace ranges, '::'-separated lists, `pipe:` urls);
-relative paths are from the current directory. The model is any image-text-to-text model
+relative paths are from the repo root, as in training and sd3train-dedup (`--out` and `--model`
+are from the current directory). The model is any image-text-to-text model
 transformers loads from a local folder (`sd3train/curation/vlm.py`: chat template or plain prompt,
 greedy decoding, only the new tokens kept, stripped).
 
@@ -20,7 +21,8 @@ sd3train-precompute names its shards), one `{"key", "caption"}` line per sample 
 A sample whose image is missing or does not decode, or whose caption comes out empty, has no line
 (counted per reason and reported); training gives it its original caption. A shard that is
 truncated or cannot be read gets no table and exit status 1, so a rerun retries it.
-`DIR/caption_info.json` records the model folder, prompt, max_new_tokens, dtype and image key;
+`DIR/caption_info.json` records the model folder, prompt, max_new_tokens, dtype, batch size (a
+caption can depend on the padding of its batch) and image key;
 every task writes the same one, and a run with other settings into the same folder exits with
 status 2 naming them.
 
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(train with data.synthetic_captions=DIR).",
         epilog=f"example: {PROG} --shards '/data/src/{{00000..00009}}.tar' --model /models/llava --out /data/captions",
     )
-    parser.add_argument("--shards", required=True, help="shard spec, as data.shards (relative paths from here)")
+    parser.add_argument("--shards", required=True, help="shard spec, as data.shards (relative paths from the repo root, as in training)")
     parser.add_argument("--model", required=True, help="local folder of the model and its processor")
     parser.add_argument("--out", required=True, help="caption folder (created if missing)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction given with each image (default {DEFAULT_PROMPT!r})")
@@ -100,6 +102,8 @@ def caption_info(args: argparse.Namespace) -> dict[str, Any]:
         "prompt": args.prompt,
         "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype,
+        # Padding in a batch can change a caption (vlm.py), so one folder holds one batch size.
+        "batch_size": args.batch_size,
         "image_key": args.image_key,
     }
 
@@ -219,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(f"--image-key: {error}") from None
     try:
-        urls = resolve_shard_urls(args.shards, root=Path.cwd())
+        urls = resolve_shard_urls(args.shards)
     except ValueError as error:
         raise UsageError(f"--shards: {error}") from None
     try:

@@ -103,8 +103,9 @@ class Embedder:
             return NO_IMAGE, f"no field in {list(self.image_extensions)} (has {sorted(raw.fields)})"
         try:
             image = Image.open(io.BytesIO(raw.fields[extension]))
-            if image.format == "JPEG":
-                image.draft("RGB", self.descriptor.draft_size)  # libjpeg scales down while decoding
+            draft = self.descriptor.draft_size
+            if image.format == "JPEG" and draft is not None:
+                image.draft("RGB", draft)  # libjpeg scales down while decoding
             return self.descriptor.prepare(image)
         except Exception as error:  # noqa: BLE001  (PIL raises many types for bad data)
             return DECODE_ERROR, f"{type(error).__name__}: {error}"

@@ -269,6 +269,12 @@ def search_stage(spec: str, out: Path, threshold: float | None, probe: int, exam
     groups = connected_groups(len(embeddings.keys), pairs)
     kept, removed = choose_kept(groups, embeddings.keys)
     searched = time.perf_counter() - start
+    # data.blocklist strips each line and skips '#' comments: such a key could never be left out.
+    unlistable = [key for key in removed if key != key.strip() or key.startswith("#") or "\n" in key]
+    if unlistable:
+        raise UsageError(f"{len(unlistable)} duplicate key(s) cannot be written to a blocklist (e.g. "
+                         f"{unlistable[0]!r}): keys with surrounding spaces or a leading '#' would be read back "
+                         "as something else; rename them in the shards")
     write_blocklist(out / BLOCKLIST_NAME, removed)
     write_groups(out / GROUPS_NAME, groups, embeddings.keys)
     named_groups = example_groups(groups, embeddings.keys, examples)

@@ -89,11 +89,11 @@ class SSCDDescriptor:
         return f"sscd(weights={self.weights_digest}, {self.preprocessing})"
 
     @property
-    def draft_size(self) -> tuple[int, int]:
-        from sd3train.curation.sscd import PREPROCESSING
-
-        side = PREPROCESSING[self.preprocessing]
-        return side, side
+    def draft_size(self) -> None:
+        """None: a JPEG is decoded at full size. libjpeg's scaled decode would shrink a large one
+        before the bilinear resize, so it would not get the authors' preprocessing (and would
+        differ from the same picture stored as PNG)."""
+        return None
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         from sd3train.curation.sscd import preprocess

@@ -160,8 +160,12 @@ class _PipeStream:
         self._stderr = tempfile.TemporaryFile()
         try:
             # Own process group: closing early must stop the whole pipeline, not just the shell.
+            # SLURM sends the preemption signal (USR1) to every process of the job step, and a
+            # download dying of it would count as bad data: ignored here, and so (an ignored
+            # signal survives exec) in everything the command starts.
             self._proc = subprocess.Popen(
-                command, shell=True, stdout=subprocess.PIPE, stderr=self._stderr, start_new_session=True
+                f"trap '' USR1; {command}", shell=True, stdout=subprocess.PIPE, stderr=self._stderr,
+                start_new_session=True,
             )
         except BaseException:
             self._stderr.close()

@@ -6,8 +6,8 @@
     requeue()                  # `scontrol requeue <job>`: (True, message) when SLURM accepted it
 
 SLURM sends USR1 to the training tasks on `scancel --signal=USR1 <job>` and, with
-`--signal=USR1@<lead>`, `lead` seconds before the time limit (up to 30 s earlier: slurmctld checks
-every 30 s). A requeued job can be signalled again while Python is still importing, so the handler
+`--signal=USR1@<lead>`, `lead` seconds before the time limit (sbatch's manual allows up to 60 s
+earlier; slurmctld checks about every 30 s). A requeued job can be signalled again while Python is still importing, so the handler
 goes in before anything slow. The handler only records the request; the training loop decides when
 to act on it (a signal handler cannot take part in a collective checkpoint).
 """

@@ -9,14 +9,19 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from dedup_shards import write_planted_shards
+from hydra import compose, initialize_config_dir
 from tiny_vlm import save_tiny_vlm
 
+from sd3train.config.validate import load_config
+from sd3train.data.datamodule import ShardDataModule
 from sd3train.data.skips import load_blocklist
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 
 
@@ -24,6 +29,11 @@ def run(tool: str, *args: str, cwd: Path) -> str:
     result = subprocess.run([str(BIN / tool), *args], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, f"{tool}: {(result.stdout + result.stderr)[-4000:]}"
     return result.stdout + result.stderr
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return load_config(compose(config_name="config", overrides=list(overrides)))
 
 
 def test_dedup_caption_precompute_then_train_on_the_cache_without_the_duplicates(tmp_path):
@@ -57,3 +67,19 @@ def test_dedup_caption_precompute_then_train_on_the_cache_without_the_duplicates
     assert float(last["data/epoch"]) >= 1 and float(last["data/skipped_blocklisted"]) >= len(blocklist)
     info = json.loads((tmp_path / "cache" / "cache_info.json").read_text())
     assert "synthetic_captions" in json.dumps(info)
+
+    # The same cached data, one full epoch in process: no blocklisted key, every other key once.
+    cfg = compose_config("experiment=tiny_cpu", "data=cached", f"data.shards='{shards}'", "data.batch_size=8",
+                         f"data.blocklist={tmp_path / 'dedup' / 'blocklist.txt'}", "data.num_workers=0",
+                         f"data.synthetic_captions={tmp_path / 'captions'}", "data.shuffle_buffer=10")
+    datamodule = ShardDataModule(cfg.data, seed=cfg.trainer.seed)
+    keys: list[str] = []
+    try:
+        for batch in datamodule.train_dataloader():
+            if datamodule.epoch != 0:
+                break
+            keys += batch["keys"]
+    finally:
+        datamodule.teardown("fit")
+    assert not set(keys) & set(blocklist)
+    assert Counter(keys) == Counter(key for key in planted.keys if key not in set(blocklist))

@@ -24,7 +24,7 @@ def test_submitit_sweep_trains_one_job_per_value_in_its_own_run_directory(small_
     runs = tmp_path / "runs" / "tiny_cpu"
     learning_rates = {}
     for number in (0, 1):
-        run_dir = runs / f"main-{number}"
+        [run_dir] = runs.glob(f"main-{number}-*")  # main-<job number>-<digest of its overrides>
         assert (run_dir / "checkpoints" / "step-0000003" / "COMPLETE").is_file(), sorted(runs.rglob("*"))[:40]
         learning_rates[number] = OmegaConf.load(run_dir / "config.yaml").optim.lr
     assert learning_rates == {0: 1e-4, 1: 2e-4}

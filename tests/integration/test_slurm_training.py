@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 
-from slurm_jobs import job_field, requires_slurm, slurm_problem, submit, wait_for
+from slurm_jobs import job_field, requires_slurm, submit, wait_for
 
 pytestmark = requires_slurm()
 
@@ -48,7 +48,7 @@ def test_two_task_job_trains_to_completion_on_both_ranks(small_shapes, tmp_path)
     assert (tmp_path / "runs" / "submit").is_dir()  # the submitted script is kept
 
 
-@pytest.mark.skipif(slurm_problem(min_nodes=2) is not None, reason=str(slurm_problem(min_nodes=2)))
+@requires_slurm(min_nodes=2)[1]  # its skip mark: two slurmd nodes (SLURM_FAKE_NODES=2)
 def test_two_node_job_trains_with_one_rank_per_node(small_shapes, tmp_path):
     job = submit(tiny_job(tmp_path, "trainer.max_steps=3", "logger.wandb=false", tasks=1, nodes=2,
                           shapes=small_shapes), cwd=tmp_path)

@@ -29,3 +29,10 @@ def test_outside_slurm_nothing_is_taken_from_it(monkeypatch):
     for name in ("SLURM_JOB_NAME", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_NTASKS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
     assert not train_module.srun_tasks(world_size=1)
+
+
+def test_a_sweep_jobs_run_name_is_stable_for_its_overrides_and_differs_for_others():
+    name = train_module.sweep_run_name("main", 0, ["optim.lr=1e-4", "experiment=x"])
+    assert name.startswith("main-0-") and len(name) == len("main-0-") + 8
+    assert train_module.sweep_run_name("main", 0, ["experiment=x", "optim.lr=1e-4"]) == name  # a requeue: same run
+    assert train_module.sweep_run_name("main", 0, ["optim.lr=3e-4", "experiment=x"]) != name  # another sweep's job 0

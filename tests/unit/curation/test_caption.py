@@ -113,7 +113,7 @@ def test_one_caption_per_sample_key_in_shard_order(vlm, sources, reference, caps
     assert len(set(all_captions)) > len(all_captions) // 4  # the captions depend on the image
     assert json.loads((reference / CAPTION_INFO_NAME).read_text()) == {
         "format": 1, "model": str(vlm.resolve()), "prompt": "Describe this image in detail.", "max_new_tokens": 12,
-        "dtype": "fp32", "image_key": "jpg;jpeg;png;webp",
+        "dtype": "fp32", "batch_size": BATCH, "image_key": "jpg;jpeg;png;webp",
     }
     assert not list(reference.glob(".*"))
 
@@ -218,6 +218,9 @@ def test_other_settings_than_the_folder_exit_2_naming_them(vlm, sources, tmp_pat
     err = capsys.readouterr().err
     assert 'prompt: the folder has "Describe this image in detail.", this run has "What is this?"' in err, err
     assert 'dtype: the folder has "fp32", this run has "bf16"' in err and "max_new_tokens" not in err
+    # Padding can change a caption, so another batch size is another set of captions.
+    assert main(caption_args(vlm, sources, out, "--batch-size", str(BATCH + 1), *nothing)) == 2
+    assert f"batch_size: the folder has {BATCH}, this run has {BATCH + 1}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -3,6 +3,7 @@ kill-and-rerun, exit statuses, and training with its blocklist."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from dedup_shards import write_planted_shards
 from process_runs import open_fifo_writer, wait_until
 
@@ -96,6 +98,17 @@ def test_without_the_copies_nothing_is_flagged(tmp_path):
     assert run_dedup("all", out, clean.spec) == 0
     assert load_blocklist(out / "blocklist.txt") == frozenset()
     assert json.loads((out / "report.json").read_text())["groups"] == 0
+
+
+def test_a_duplicate_key_a_blocklist_cannot_hold_exits_2_naming_it(tmp_path, capsys):
+    # Two identical images, the copy under a key data.blocklist would read as a comment.
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(buffer, format="PNG")
+    samples = [ShardSample(key, EncodedImage(buffer.getvalue(), "png"), "caption") for key in ("#2", "!1")]
+    write_shards(samples, tmp_path, prefix="hash", samples_per_shard=2)
+    out = tmp_path / "out"
+    assert run_dedup("all", out, str(tmp_path / "hash-000000.tar"), "--clusters", "1") == 2
+    assert "'#2'" in capsys.readouterr().err and not (out / "blocklist.txt").exists()
 
 
 # --------------------------------------------------------------- task splits

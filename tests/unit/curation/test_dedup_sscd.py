@@ -129,6 +129,32 @@ def test_preprocessing_is_the_authors_resize_to_tensor_normalize():
     assert square.shape == (3, 320, 320)
 
 
+def test_a_large_jpeg_gets_the_authors_preprocessing_of_its_full_decode(model):
+    """No libjpeg scaled decode (draft) for SSCD: a 1200x900 JPEG is prepared exactly as torchvision
+    prepares its full-size decode, as the same picture stored losslessly would be."""
+    import io
+
+    from torchvision import transforms
+
+    from sd3train.curation.dedup_embed import Embedder
+    from sd3train.curation.descriptors import SSCDDescriptor
+    from sd3train.data.tar_reader import RawSample
+
+    rng = np.random.default_rng(5)
+    smooth = Image.fromarray(rng.integers(0, 256, size=(9, 12, 3), dtype=np.uint8)).resize((1200, 900),
+                                                                                          Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    smooth.save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    descriptor = SSCDDescriptor(None, "cpu", model=model)
+    prepared = Embedder(descriptor, batch_size=1)._prepare(RawSample("k", "shard.tar", {"jpg": data}))
+    authors = transforms.Compose([transforms.Resize(288), transforms.ToTensor(),
+                                  transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    assert prepared.shape == (3, 288, 384)
+    np.testing.assert_allclose(prepared, authors(full).numpy(), atol=1e-5)
+
+
 def test_the_embed_stage_with_sscd_stores_the_models_descriptors(model, authors_file, tmp_path):
     """Four images of three aspect ratios: batched per shape, stored in shard order."""
     import io

@@ -6,6 +6,7 @@ import io
 import os
 import random
 import shlex
+import signal
 import tarfile
 import time
 from pathlib import Path
@@ -289,6 +290,18 @@ def test_file_url_relative_path_and_pipe_cat_give_the_same_samples(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     for url in [str(path), "s.tar", f"file://{path}", f"pipe:cat {shlex.quote(str(path))}"]:
         assert list(read_shard(url)) == samples_of(members, url), url
+
+
+def test_a_pipe_command_outlives_slurms_preemption_signal(tmp_path):
+    """SLURM sends USR1 to every process of the job step: the download must not die of it."""
+    path = write_tar(tmp_path / "s.tar", three_samples())
+    stream = tar_reader._PipeStream(f"sleep 1; cat {shlex.quote(str(path))}")
+    try:
+        time.sleep(0.3)  # the shell has set its trap and is in `sleep`
+        os.killpg(stream._proc.pid, signal.SIGUSR1)
+        assert stream.read() == path.read_bytes()
+    finally:
+        stream.close()
 
 
 def test_failing_pipe_command_is_unreadable():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from sd3train.submit import TEMPLATE, main
+from sd3train.submit import TEMPLATE, main, render, submitting_venv
 
 
 def _dry_run(capsys, *args: str) -> str:
@@ -28,10 +28,15 @@ def test_dry_run_for_four_nodes_of_eight_gpus(capsys, tmp_path):
         "#SBATCH --output=slurm-%x-%j.out",
     ]
     assert 'OVERRIDES=(experiment=tiny_cpu "$@")' in script.splitlines()
-    assert 'srun --kill-on-bad-exit=1 sd3train-train trainer.devices="${SLURM_NTASKS_PER_NODE}" \\' in script
-    # Everything but the #SBATCH block and the overrides is the template's.
-    template = [line for line in TEMPLATE.read_text().splitlines() if not line.startswith(("#SBATCH", "OVERRIDES="))]
-    assert [line for line in script.splitlines() if not line.startswith(("#SBATCH", "OVERRIDES="))] == template
+    assert "srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \\" in script
+    assert '    sd3train-train trainer.devices="${SLURM_NTASKS_PER_NODE}" \\' in script
+    # The job uses the environment sd3train-submit runs from, unless SD3TRAIN_VENV says otherwise.
+    venv = submitting_venv() or ".venv"
+    assert f'source "${{SD3TRAIN_VENV:-{venv}}}/bin/activate"' in script.splitlines()
+    # Everything but the #SBATCH block, the overrides and the environment is the template's.
+    kept = ("#SBATCH", "OVERRIDES=", "source ")
+    template = [line for line in TEMPLATE.read_text().splitlines() if not line.startswith(kept)]
+    assert [line for line in script.splitlines() if not line.startswith(kept)] == template
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0  # valid bash
@@ -78,7 +83,7 @@ def test_a_curation_tool_is_an_array_job_with_its_flags_after_the_separator(caps
     ]
     assert "TOOL=precompute" in lines
     assert "OVERRIDES=(--out /data/cache --batch-size 32 experiment=tiny_cpu 'data.shards=/d/{0..9}.tar' \"$@\")" in lines
-    assert 'srun "sd3train-${TOOL}" "${OVERRIDES[@]}"' in lines
+    assert 'srun ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} "sd3train-${TOOL}" "${OVERRIDES[@]}"' in lines
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -92,4 +97,17 @@ def test_array_and_tool_must_come_together(capsys):
     assert main(["--dry-run", "--tool", "caption", "--", "--out", "x"]) == 2
     assert "--tool caption needs --array" in capsys.readouterr().err
     assert main(["--dry-run", "--tool", "caption", "--array", "zero-to-three"]) == 2
-    assert "is not SLURM's array syntax" in capsys.readouterr().err
+    assert "is not one range of SLURM's array syntax" in capsys.readouterr().err
+    # A list of indices does not give the tasks the numbering their shard split uses.
+    assert main(["--dry-run", "--tool", "caption", "--array", "0,4,8"]) == 2
+    assert "submit the whole range again" in capsys.readouterr().err
+    assert main(["--dry-run", "--tool", "caption", "--array", "0-62:2%8", "--", "--out", "x"]) == 0
+
+
+def test_an_environment_path_with_shell_characters_stays_one_word(tmp_path):
+    venv = '/opt/my "env" $HOME `x`'
+    script = render(TEMPLATE.read_text(), ["#SBATCH --nodes=1"], [], venv=venv)
+    line = next(line for line in script.splitlines() if line.startswith("source "))
+    printed = subprocess.run(["bash", "-c", line.replace("source ", "printf %s ", 1)], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"})
+    assert printed.stdout == venv + "/bin/activate"
