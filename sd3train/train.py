@@ -289,6 +289,9 @@ def requeue_after_preemption(step: int) -> int:
             wandb.finish()  # flushed now: SLURM's SIGTERM follows the requeue
     except ImportError:
         pass
+    except Exception as error:  # noqa: BLE001  (an upload failing must not keep the job from its requeue)
+        print(f"sd3train-train: closing the W&B run failed ({type(error).__name__}: {error}); requeueing anyway",
+              file=sys.stderr, flush=True)
     # SIGTERM, which the requeue makes SLURM send to every task, is ignored since the stop
     # (StopOnPreemption): each task still says what happened and exits with its status.
     grouped = dist.is_available() and dist.is_initialized()
