@@ -57,3 +57,31 @@ def open_fifo_writer(path: Path, process: subprocess.Popen, log: Path) -> int:
     wait_until(opened, f"the reader of {path.name}", process, log)
     os.set_blocking(descriptor[0], True)
     return descriptor[0]
+
+
+def sigkill_while_feeding_fifo(command: list[str], log: Path, fifo: Path, data: bytes, ready, ready_what: str,
+                               fed=None, fed_what: str = "", settle_s: float = 0.0) -> None:
+    """Run `command` (output to `log`); once `ready()`, write `data` into the FIFO `fifo` it reads,
+    wait until `fed()` (and `settle_s`), then SIGKILL it. The kill tests of the curation tools use
+    it to stop a tool at a known point inside a shard."""
+    import time
+
+    with open(log, "w") as stream:
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    writer = None
+    try:
+        wait_until(ready, ready_what, process, log)
+        writer = open_fifo_writer(fifo, process, log)
+        os.write(writer, data)
+        if fed is not None:
+            wait_until(fed, fed_what, process, log)
+        time.sleep(settle_s)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if writer is not None:
+            os.close(writer)

@@ -7,15 +7,13 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from photo_shards import photo_samples
 from PIL import Image
-from process_runs import open_fifo_writer, wait_until
+from process_runs import sigkill_while_feeding_fifo
 from tiny_vlm import save_tiny_vlm
 
 from sd3train.curation.atomic import TEMP_MARK
@@ -174,28 +172,16 @@ def test_killed_run_rerun_gives_the_uninterrupted_tables(vlm, sources, reference
     log = tmp_path / "caption.log"
     command = [sys.executable, "-m", "sd3train.curation.caption", *caption_args(vlm, source, out)]
     second = (sources / "photos-000001.tar").read_bytes()
-    with open(log, "w") as log_stream:
-        process = subprocess.Popen(command, stdout=log_stream, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    writer = None
 
     def partial() -> list[Path]:
         return [path for path in out.glob(f".photos-000001.jsonl{TEMP_MARK}*") if path.stat().st_size > 0]
 
-    try:
-        wait_until(lambda: (out / "photos-000000.jsonl").exists(), "the first table", process, log)
-
-        writer = open_fifo_writer(source / "photos-000001.tar", process, log)
-        os.write(writer, second[: len(second) // 2])  # about 100 of its 200 samples: several batches
-        wait_until(lambda: bool(partial()), "a partly written second table", process, log)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if writer is not None:
-            os.close(writer)
+    sigkill_while_feeding_fifo(
+        command, log, source / "photos-000001.tar",
+        second[: len(second) // 2],  # about 100 of its 200 samples: several batches
+        ready=lambda: (out / "photos-000000.jsonl").exists(), ready_what="the first table",
+        fed=lambda: bool(partial()), fed_what="a partly written second table",
+    )
     assert sorted(path.name for path in out.glob("*.jsonl")) == ["photos-000000.jsonl"]  # nothing partial in place
     assert partial()
 

@@ -7,10 +7,7 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from dedup_shards import write_planted_shards
-from process_runs import open_fifo_writer, wait_until
+from process_runs import sigkill_while_feeding_fifo
 
 from sd3train.curation.atomic import TEMP_MARK
 from sd3train.curation.dedup import main
@@ -157,26 +154,14 @@ def test_a_killed_embed_task_rerun_gives_the_uninterrupted_result(planted, refer
     command = [sys.executable, "-m", "sd3train.curation.dedup", "embed", "--out", str(out), "--shards", spec,
                *THUMBNAIL, "--batch-size", "8", "--threads", "1"]
     second = (originals / "planted-000001.tar").read_bytes()
-    with open(log, "w") as log_stream:
-        process = subprocess.Popen(command, stdout=log_stream, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    writer = None
-    try:
-        embeddings = out / "embeddings"
-        wait_until(lambda: (embeddings / "planted-000000.npz").exists(), "the first shard's embeddings", process, log)
-        wait_until(lambda: bool(list(embeddings.glob(f".planted-000001.npz{TEMP_MARK}*"))),
-                  "the second shard's temporary file", process, log)
-        writer = open_fifo_writer(source / "planted-000001.tar", process, log)
-        os.write(writer, second[: len(second) // 2])
-        time.sleep(0.3)  # let it read and embed some of the half shard
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if writer is not None:
-            os.close(writer)
+    embeddings = out / "embeddings"
+    sigkill_while_feeding_fifo(
+        command, log, source / "planted-000001.tar", second[: len(second) // 2],
+        ready=lambda: ((embeddings / "planted-000000.npz").exists()
+                       and bool(list(embeddings.glob(f".planted-000001.npz{TEMP_MARK}*")))),
+        ready_what="the first shard's embeddings and the second one's temporary file",
+        settle_s=0.3,  # let it read and embed some of the half shard
+    )
     assert sorted(path.name for path in embeddings.glob("*.npz")) == ["planted-000000.npz"]
     assert list(embeddings.glob(f".planted-000001.npz{TEMP_MARK}*"))  # only under a temporary name
 

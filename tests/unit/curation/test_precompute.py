@@ -6,8 +6,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from process_runs import open_fifo_writer, wait_until
+from process_runs import sigkill_while_feeding_fifo
 from safetensors.torch import load as load_safetensors
 
 from sd3train.curation import precompute
@@ -237,27 +235,16 @@ def test_killed_run_rerun_gives_the_uninterrupted_shards(sources, reference, tmp
     command = [sys.executable, "-m", "sd3train.curation.precompute", "--out", str(out), "--batch-size", str(BATCH),
                "experiment=tiny_cpu", "data.resolution=32", _train_shards(source)]
     second = (sources / "train-000001.tar").read_bytes()
-    with open(log, "w") as log_stream:
-        process = subprocess.Popen(command, stdout=log_stream, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    writer = None
-    try:
-        wait_until(lambda: (out / "train-000000.tar").exists(), "the first cache shard", process, log)
-        writer = open_fifo_writer(source / "train-000001.tar", process, log)
-        os.write(writer, second[: len(second) * 3 // 4])  # about 12 of its 16 samples: 2 batches written
 
-        def partial() -> list[Path]:
-            return [path for path in out.glob(f".train-000001.tar{TEMP_MARK}*") if path.stat().st_size > 0]
+    def partial() -> list[Path]:
+        return [path for path in out.glob(f".train-000001.tar{TEMP_MARK}*") if path.stat().st_size > 0]
 
-        wait_until(lambda: bool(partial()), "a partly written second shard", process, log)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if writer is not None:
-            os.close(writer)
+    sigkill_while_feeding_fifo(
+        command, log, source / "train-000001.tar",
+        second[: len(second) * 3 // 4],  # about 12 of its 16 samples: 2 batches written
+        ready=lambda: (out / "train-000000.tar").exists(), ready_what="the first cache shard",
+        fed=lambda: bool(partial()), fed_what="a partly written second shard",
+    )
     assert sorted(path.name for path in out.glob("*.tar")) == ["train-000000.tar"]  # nothing partial under a final name
     assert partial()  # the killed shard is only under its temporary name
 
