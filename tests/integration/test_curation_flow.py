@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dedup_shards import write_planted_shards
 from hydra import compose, initialize_config_dir
+from testing_helpers import one_epoch_keys
 from tiny_vlm import save_tiny_vlm
 
 from sd3train.config.validate import load_config
@@ -72,14 +73,6 @@ def test_dedup_caption_precompute_then_train_on_the_cache_without_the_duplicates
     cfg = compose_config("experiment=tiny_cpu", "data=cached", f"data.shards='{shards}'", "data.batch_size=8",
                          f"data.blocklist={tmp_path / 'dedup' / 'blocklist.txt'}", "data.num_workers=0",
                          f"data.synthetic_captions={tmp_path / 'captions'}", "data.shuffle_buffer=10")
-    datamodule = ShardDataModule(cfg.data, seed=cfg.trainer.seed)
-    keys: list[str] = []
-    try:
-        for batch in datamodule.train_dataloader():
-            if datamodule.epoch != 0:
-                break
-            keys += batch["keys"]
-    finally:
-        datamodule.teardown("fit")
+    keys, _ = one_epoch_keys(ShardDataModule(cfg.data, seed=cfg.trainer.seed))
     assert not set(keys) & set(blocklist)
     assert Counter(keys) == Counter(key for key in planted.keys if key not in set(blocklist))

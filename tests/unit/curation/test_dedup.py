@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from dedup_shards import write_planted_shards
 from process_runs import sigkill_while_feeding_fifo
+from testing_helpers import one_epoch_keys
 
 from sd3train.curation.atomic import TEMP_MARK
 from sd3train.curation.dedup import main
@@ -251,17 +252,7 @@ def test_training_with_the_blocklist_never_yields_a_blocklisted_key(planted, ref
     cfg = DataConfig(shards=planted.spec, val_shards=None, resolution=32, aspect_buckets=False, batch_size=10,
                      num_workers=1, shuffle_buffer=16, blocklist=str(reference / "blocklist.txt"),
                      skip_budget=0.05, skip_budget_min_samples=0)
-    datamodule = ShardDataModule(cfg, seed=0)
-    keys: list[str] = []
-    skipped = Counter()
-    try:
-        for batch in datamodule.train_dataloader():
-            if datamodule.epoch != 0:
-                break
-            keys += batch["keys"]
-            skipped = Counter(datamodule.skipped)
-    finally:
-        datamodule.teardown("fit")
+    keys, skipped = one_epoch_keys(ShardDataModule(cfg, seed=0))
     assert not set(keys) & blocklisted
     assert Counter(keys) == Counter(key for key in planted.keys if key not in blocklisted)  # each other key once
     assert dict(skipped) == {"blocklisted": COPIES}

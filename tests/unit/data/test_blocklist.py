@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from photo_shards import write_photo_shards
+from testing_helpers import one_epoch_keys
 from sd3train.config.schema import DataConfig
 from sd3train.data.datamodule import ShardDataModule
 
@@ -40,31 +41,16 @@ def make_datamodule(shards: str, blocklist: Path | None, **overrides) -> ShardDa
     return ShardDataModule(DataConfig(**fields), seed=0)
 
 
-def one_epoch(datamodule: ShardDataModule) -> tuple[list[str], Counter]:
-    """Keys of epoch 0 and the skip counts its batches carried (stops at epoch 1's first batch)."""
-    keys: list[str] = []
-    skipped = Counter()
-    try:
-        for batch in datamodule.train_dataloader():
-            if datamodule.epoch != 0:
-                break
-            keys += batch["keys"]
-            skipped = Counter(datamodule.skipped)
-    finally:
-        datamodule.teardown("fit")  # as Lightning does after fit: the persistent workers stop now
-    return keys, skipped
-
-
 def test_a_full_epoch_with_a_blocklist_never_yields_a_blocklisted_key(shards, tmp_path):
     blocklist = write_blocklist(tmp_path / "blocklist.txt", BLOCKED)
-    keys, skipped = one_epoch(make_datamodule(shards, blocklist))
+    keys, skipped = one_epoch_keys(make_datamodule(shards, blocklist))
     assert not set(keys) & set(BLOCKED)
     assert Counter(keys) == Counter(key for key in ALL_KEYS if key not in BLOCKED)  # each other key once
     assert dict(skipped) == {"blocklisted": len(BLOCKED)}
 
 
 def test_without_the_blocklist_the_same_epoch_has_every_key(shards):
-    keys, skipped = one_epoch(make_datamodule(shards, None))
+    keys, skipped = one_epoch_keys(make_datamodule(shards, None))
     assert Counter(keys) == Counter(ALL_KEYS) and not skipped
 
 
