@@ -37,7 +37,7 @@ def _fail(message: str) -> None:
 def default_out_dir(checkpoint: Path) -> Path:
     """<run dir>/samples/<checkpoint name>: step-NNNNNNN for a step directory, for `last` (the step it
     points to) and for the checkpoint.ckpt inside one; the file's stem for a plain .ckpt."""
-    from sd3train.checkpoint.formats import TRAINING_CHECKPOINT_FILE
+    from sd3train.checkpoint.step_dirs import TRAINING_CHECKPOINT_FILE
 
     if checkpoint.name == TRAINING_CHECKPOINT_FILE:
         checkpoint = checkpoint.parent

@@ -1,10 +1,16 @@
-"""Test-wide environment: nothing may reach a hub or the W&B servers; one thread per process.
+"""Test-wide environment: nothing may reach a hub or the W&B servers; one thread per process;
+child processes (console scripts, srun tasks) can import `tests.support` (the faults they are
+given by dotted path in `trainer.callbacks`).
 
 Tiny models run no faster on two threads, and two test processes (or a test and its
 subprocess) fighting over two cores made tiny backward passes tens of times slower.
 """
 
 import os
+from pathlib import Path
+
+_REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([_REPO, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

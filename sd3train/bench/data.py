@@ -31,8 +31,8 @@ from sd3train.config.schema import DataConfig
 from sd3train.data.cache_format import DTYPES, TEXT_OUTPUTS, sample_record
 from sd3train.data.datamodule import ShardDataModule, build_decoder
 from sd3train.data.decoders import Skip
-from sd3train.data.shards import EncodedImage, ShardSample, read_manifest, write_shards
 from sd3train.data.tar_reader import RawSample, read_shard
+from sd3train.data.tar_writer import EncodedImage, ShardSample, read_manifest, write_shards
 
 PROG = "python -m sd3train.bench.data"
 PHOTO_SIZES = ((1024, 768), (768, 1024), (800, 800), (1200, 675), (640, 480), (480, 640), (1000, 562))
@@ -72,7 +72,7 @@ def write_photo_shards(folder: Path, samples: int, per_shard: int) -> None:
 def write_cache_shards(folder: Path, samples: int, per_shard: int) -> None:
     import webdataset as wds
 
-    from sd3train.data.shards import TAR_GROUP, TAR_MODE, TAR_MTIME, TAR_USER
+    from sd3train.data.tar_writer import TAR_GROUP, TAR_MODE, TAR_MTIME, TAR_USER
 
     generator = torch.Generator().manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)

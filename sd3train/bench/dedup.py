@@ -59,7 +59,7 @@ def _photo(rng: np.random.Generator) -> bytes:
 
 
 def write_photo_shard(folder: Path, images: int) -> str:
-    from sd3train.data.shards import EncodedImage, ShardSample, read_manifest, write_shards
+    from sd3train.data.tar_writer import EncodedImage, ShardSample, read_manifest, write_shards
 
     path = folder / "photos-000000.tar"
     manifest = read_manifest(folder) or {}

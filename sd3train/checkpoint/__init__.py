@@ -5,9 +5,14 @@
     vae = load_vae(path)
     text = load_text_conditioner(path)
 
+    from sd3train.checkpoint import mmdit_from_config, text_conditioner_from_config, vae_from_config
+    mmdit = mmdit_from_config(cfg.model)     # the training components a config describes, with its weights
+
 Modules: formats (what a path is, prefixes), files (safetensors/.ckpt I/O, atomic writes),
-architecture (configs read off weights), build (meta-device construction), mmdit_diffusers and
-vae_ldm (key conversions), training (our .ckpt), *_loader (the three loaders), export_* (writers).
+step_dirs (published training checkpoints: layout, marker, resume pick), architecture (configs read
+off weights), build (meta-device construction), mmdit_diffusers and vae_ldm (key conversions),
+training (our .ckpt), *_loader (the three loaders), encoder_files and tokenizer_files (one text
+encoder, the tokenizers), components (models from a config), export_* (writers).
 The loaders are imported on first use so that importing a key-conversion module stays cheap.
 """
 
@@ -19,6 +24,9 @@ _LAZY = {
     "load_transformer": "sd3train.checkpoint.transformer_loader",
     "load_vae": "sd3train.checkpoint.vae_loader",
     "load_text_conditioner": "sd3train.checkpoint.text_loader",
+    "mmdit_from_config": "sd3train.checkpoint.components",
+    "vae_from_config": "sd3train.checkpoint.components",
+    "text_conditioner_from_config": "sd3train.checkpoint.components",
     "CheckpointError": "sd3train.checkpoint.errors",
 }
 

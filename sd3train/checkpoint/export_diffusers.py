@@ -24,10 +24,11 @@ from transformers import CLIPTokenizer, T5Tokenizer
 
 from sd3train.checkpoint.architecture import mmdit_config_of, vae_config_of
 from sd3train.checkpoint.errors import CheckpointError
-from sd3train.checkpoint.files import save_safetensors_atomic, with_default_mode, write_json
+from sd3train.checkpoint.files import save_safetensors_atomic, write_json
 from sd3train.checkpoint.formats import PIPELINE_SUBFOLDERS
 from sd3train.checkpoint.mmdit_diffusers import official_to_diffusers
 from sd3train.config.schema import ModelConfig, VAEConfig
+from sd3train.durable import temporary_dir
 from sd3train.model.mmdit import MMDiT
 from sd3train.model.text_encoders import TextConditioner
 from sd3train.model.vae import VAE
@@ -163,7 +164,7 @@ def export_diffusers(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=true to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = with_default_mode(Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)))
+    staging = temporary_dir(out.parent, out.name)
     try:
         _write_pipeline(staging, transformer, vae, text, shift)
         if out.exists():

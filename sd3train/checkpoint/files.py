@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sd3train.checkpoint.errors import CheckpointError
-from sd3train.checkpoint.formats import COMPLETE_MARKER, TRAINING_CHECKPOINT_FILE
+from sd3train.checkpoint.step_dirs import training_checkpoint_file
+from sd3train.durable import fsync_path, replace, temporary_file, with_default_mode
 
 # Weight files of one diffusers / transformers component folder, in the order they are looked for.
 INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
@@ -135,23 +135,6 @@ DEEPSPEED_STATE_KEYS = frozenset({
 })
 
 
-def training_checkpoint_file(path: Path) -> Path:
-    """The Lightning checkpoint that `path` names: a published step directory (or the `last`
-    symlink to one) gives the `checkpoint.ckpt` inside it, which must carry its COMPLETE marker;
-    any other path is returned as it is. CheckpointError for a step directory that was never
-    completed (a run stopped while writing it)."""
-    path = Path(path)
-    inner = path / TRAINING_CHECKPOINT_FILE
-    if not path.is_dir() or not inner.exists():
-        return path
-    if not (path / COMPLETE_MARKER).is_file():
-        raise CheckpointError(
-            f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker): the run stopped while writing "
-            f"it. Use an older step directory, or {inner} itself if you know it is whole."
-        )
-    return inner
-
-
 def read_zero_checkpoint(folder: Path) -> dict:
     """A DeepSpeed ZeRO checkpoint directory (what Lightning's DeepSpeed strategy saves as `*.ckpt/`)
     consolidated in memory into a Lightning checkpoint dict: fp32 `state_dict` gathered from every
@@ -188,7 +171,7 @@ def read_zero_checkpoint(folder: Path) -> dict:
 def read_lightning_checkpoint(file: Path) -> dict:
     """A Lightning checkpoint written by sd3train-train: a .ckpt file (memory-mapped, so tensors are
     paged in on use), a DeepSpeed checkpoint directory (consolidated to fp32), or a published step
-    directory / `last` holding either (see `training_checkpoint_file`).
+    directory / `last` holding either (see `step_dirs.training_checkpoint_file`).
 
     Unpickled with weights_only=False: the checkpoint is our own format and holds optimizer and
     loop state objects. Do not load .ckpt files from untrusted sources.
@@ -203,31 +186,18 @@ def read_lightning_checkpoint(file: Path) -> dict:
     return checkpoint
 
 
-def with_default_mode(path: Path) -> Path:
-    """Give a file or folder made by `tempfile` (0600 / 0700) the mode a plain open or mkdir gives,
-    so an export renamed into place is readable by the user's group as their umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-    return path
-
-
-def _staging_path(target: Path) -> Path:
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    return Path(name)
-
-
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write `tensors` to `file` through a temporary sibling and a rename."""
+    """Write `tensors` to `file` through a temporary sibling, fsynced, and a rename (`sd3train.durable`)."""
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging_path(file)
+    descriptor, staging = temporary_file(file.parent, file.name)
+    os.close(descriptor)  # safetensors writes by name
     try:
         save_file({key: value.contiguous() for key, value in tensors.items()}, str(staging), metadata=metadata)
-        os.replace(with_default_mode(staging), file)
+        fsync_path(staging)
+        replace(with_default_mode(staging), file)  # the mode after writing: safetensors makes the file anew
     finally:
         staging.unlink(missing_ok=True)
     return file

@@ -11,7 +11,8 @@ Four layouts are read:
                and the training config under `sd3train_config`. sd3train-train publishes each one
                as a step directory, runs/<exp>/<run>/checkpoints/step-NNNNNNN/ (or the `last`
                symlink to the newest), holding checkpoint.ckpt (a file, or a DeepSpeed ZeRO
-               directory), config.yaml and the COMPLETE marker; either path is read as this layout.
+               directory), config.yaml and the COMPLETE marker (`step_dirs`); either path is read as
+               this layout.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd3train.checkpoint.errors import CheckpointError
+from sd3train.checkpoint.step_dirs import TRAINING_CHECKPOINT_FILE
 
 SINGLE_FILE, PIPELINE, COMPONENT, LIGHTNING = "single_file", "pipeline", "component", "lightning"
 
@@ -36,12 +38,6 @@ TEXT_PREFIXES = {
 # Safetensors metadata key under which sd3train's exports store what weights cannot tell
 # (head count, VAE group count and factors, encoder configs, tokenizer lengths, sampler shift).
 METADATA_KEY = "sd3train"
-
-# A published training checkpoint directory (see `sd3train.lit.checkpointing`): the Lightning
-# checkpoint, the resolved config beside it, and the marker written last.
-TRAINING_CHECKPOINT_FILE = "checkpoint.ckpt"
-TRAINING_CONFIG_FILE = "config.yaml"
-COMPLETE_MARKER = "COMPLETE"
 
 # Prefixes in sd3train's Lightning state_dict.
 LIGHTNING_PREFIXES = {"transformer": "mmdit.", "ema": "ema.shadow.", "vae": "vae.", "text": "text."}
@@ -58,6 +54,8 @@ PIPELINE_SUBFOLDERS = {
     "clip_g_tokenizer": "tokenizer_2",
     "t5_tokenizer": "tokenizer_3",
 }
+# The pipeline subfolders of the three text encoders, in the order of the conditioner's encoders.
+TEXT_ENCODER_SUBFOLDERS = {name: PIPELINE_SUBFOLDERS[name] for name in ("clip_l", "clip_g", "t5")}
 
 # Key naming of a bare state dict, told by one characteristic key prefix.
 OFFICIAL_MMDIT, DIFFUSERS_MMDIT = "official", "diffusers"

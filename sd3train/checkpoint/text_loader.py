@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from sd3train.checkpoint.build import assign_weights, on_meta
+from sd3train.checkpoint.components import text_conditioner_from_config
+from sd3train.checkpoint.encoder_files import load_text_encoder
 from sd3train.checkpoint.errors import CheckpointError
 from sd3train.checkpoint.files import read_json, safetensors_header
 from sd3train.checkpoint.formats import (
@@ -24,19 +26,16 @@ from sd3train.checkpoint.formats import (
     LIGHTNING,
     LIGHTNING_PREFIXES,
     PIPELINE,
+    TEXT_ENCODER_SUBFOLDERS,
     TEXT_PREFIXES,
     Source,
     detect,
     export_metadata,
 )
-from sd3train.checkpoint.encoder_files import load_text_encoder
+from sd3train.checkpoint.tokenizer_files import config_tokenizers, load_clip_tokenizer, load_t5_tokenizer
 from sd3train.checkpoint.training import read_training_checkpoint
-from sd3train.model.text_encoders import (
-    CLIP_MAX_POSITIONS,
-    DIFFUSERS_SUBFOLDERS,
-    TextConditioner,
-)
-from sd3train.model.tokenizers import PromptTokenizer, load_clip_tokenizer, load_t5_tokenizer
+from sd3train.model.text_encoders import CLIP_MAX_POSITIONS, TextConditioner
+from sd3train.model.tokenizers import PromptTokenizer
 
 # T5 tokens per prompt when nothing says otherwise: 77 for Stability single files (SD3's reference
 # sampler), at most 256 for diffusers folders (StableDiffusion3Pipeline's max_sequence_length default).
@@ -88,11 +87,11 @@ def _pipeline_tokenizers(
 
 
 def _from_pipeline(folder: Path, dtype, t5_max_length: int | None, t5_tokenizer) -> TextConditioner:
-    missing = [sub for sub in DIFFUSERS_SUBFOLDERS.values() if not (folder / sub / "config.json").is_file()]
+    missing = [sub for sub in TEXT_ENCODER_SUBFOLDERS.values() if not (folder / sub / "config.json").is_file()]
     if missing:
         listed = ", ".join(f"{sub}/config.json" for sub in missing)
         raise CheckpointError(f"no text encoders in {folder}: missing {listed}")
-    encoders = {name: load_text_encoder(folder, name, dtype) for name in DIFFUSERS_SUBFOLDERS}
+    encoders = {name: load_text_encoder(folder, name, dtype) for name in TEXT_ENCODER_SUBFOLDERS}
     tokenizers = _pipeline_tokenizers(folder, encoders, t5_max_length, t5_tokenizer)
     return TextConditioner(encoders["clip_l"], encoders["clip_g"], encoders["t5"], tokenizers, NO_DROPOUT)
 
@@ -126,10 +125,10 @@ def _from_training(source: Source, dtype, t5_max_length: int | None, t5_tokenize
         # Relative to the working directory, like the path argument (config paths start at the repo root).
         text = dataclasses.replace(text, t5_tokenizer=str(Path(t5_tokenizer).expanduser().resolve()))
     if not checkpoint.has("text"):  # encoders loaded from the folder the config names, not saved
-        conditioner = TextConditioner.from_config(text, dtype=dtype)
-    else:
-        unweighted = dataclasses.replace(text, weights=None, clip_l_weights=None, clip_g_weights=None, t5_weights=None)
-        conditioner = on_meta(lambda: TextConditioner.from_config(unweighted, dtype=dtype))
+        conditioner = text_conditioner_from_config(text, dtype=dtype)
+    else:  # the saved encoders, adopted by a conditioner built on meta
+        tokenizers = config_tokenizers(text)  # (CLIP, T5)
+        conditioner = on_meta(lambda: TextConditioner.from_config(text, *tokenizers, dtype))
         state = checkpoint.component("text", dtype)
         assign_weights(conditioner, state, str(source.path), "text encoder", LIGHTNING_PREFIXES["text"])
         conditioner.t5.tie_weights()

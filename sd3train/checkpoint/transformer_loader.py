@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -83,8 +82,7 @@ def transformer_from_single_file(file: Path, dtype: torch.dtype) -> tuple[ModelC
 
 def build_transformer(config: ModelConfig, state: dict, source: Path, key_prefix: str = "") -> MMDiT:
     """MMDiT of `config` holding exactly `state` (official names), without random init."""
-    unweighted = dataclasses.replace(config, weights=None)  # `state` is the weights, not what the config names
-    return assign_weights(on_meta(lambda: MMDiT.from_config(unweighted)), state, str(source), WHAT, key_prefix)
+    return assign_weights(on_meta(lambda: MMDiT.from_config(config)), state, str(source), WHAT, key_prefix)
 
 
 def read_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict, Path, str]:

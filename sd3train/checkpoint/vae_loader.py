@@ -11,7 +11,6 @@ config.json beside its weights (data/vae_tiny), a bare VAE safetensors and our .
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -41,9 +40,27 @@ from sd3train.checkpoint.formats import (
 from sd3train.checkpoint.training import read_training_checkpoint
 from sd3train.checkpoint.vae_ldm import ldm_to_diffusers
 from sd3train.config.schema import VAEConfig
-from sd3train.model.vae import VAE, resolve_weights_file
+from sd3train.model.vae import VAE
+from sd3train.paths import resolve_repo_path
 
 WHAT = "VAE"
+# File names looked for, in order, when a VAE's weights are a folder (diffusers first, then ours).
+WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "vae.safetensors")
+
+
+def resolve_weights_file(path: str | Path) -> Path:
+    """A safetensors file, or the first known weight file in a folder (or in its `vae/` subfolder,
+    a diffusers pipeline root). Relative paths are taken from the repository root."""
+    path = resolve_repo_path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for folder in (path, path / "vae"):
+            for name in WEIGHT_FILE_NAMES:
+                if (folder / name).is_file():
+                    return folder / name
+        raise FileNotFoundError(f"no VAE weights in {path}: looked for {', '.join(WEIGHT_FILE_NAMES)} (and under vae/)")
+    raise FileNotFoundError(f"VAE weights {path} do not exist")
 
 
 def read_vae_file(file: Path, dtype: torch.dtype | None) -> tuple[dict, dict, str]:
@@ -81,7 +98,7 @@ def _folder_vae(folder: Path, dtype: torch.dtype | None) -> tuple[VAEConfig, dic
 
 def build_vae(config: VAEConfig, state: dict, source: Path, key_prefix: str = "") -> VAE:
     """VAE of `config` holding exactly `state` (diffusers names), without random init."""
-    model = on_meta(lambda: VAE.from_config(dataclasses.replace(config, weights=None)))
+    model = on_meta(lambda: VAE.from_config(config))
     return assign_weights(model, state, str(source), WHAT, key_prefix)
 
 

@@ -1,6 +1,8 @@
-"""Typed schemas for every Hydra config group.
+"""Typed schemas for every Hydra config group, and the one place their defaults live.
 
 Fields without a default are required: a config that leaves them out fails validation.
+`sd3train.config.compose` registers these defaults as the base every composed config starts from,
+so the YAML files under conf/ hold only what differs from them. The defaults are the SD3 recipe.
 `sd3train.config.validate` checks a composed config against these classes, listing every
 problem (unknown key, wrong type, missing value, impossible combination) in one error.
 """
@@ -98,7 +100,8 @@ class TextConfig:
     clip_g: CLIPEncoderConfig
     t5: T5EncoderConfig
     # Folder with the T5 sentencepiece model (spiece.model); relative paths are from the repo root.
-    t5_tokenizer: str = "data/tokenizers/t5_tiny"
+    # Real runs name the T5 v1.1 folder (e.g. <sd3 pipeline>/tokenizer_3); text=tiny the shipped one.
+    t5_tokenizer: str
     # Folder with vocab.json/merges.txt; None derives them from the BPE vocabulary open_clip ships.
     clip_tokenizer: Optional[str] = None
     dropout_clip_l: float = 0.464
@@ -264,15 +267,15 @@ class StrategyConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
+    max_steps: int = 100_000
     # "auto": continue from the newest checkpoint in the run directory; "never"; or a checkpoint path.
     resume: str = "auto"
     accelerator: str = "auto"
     devices: int = 1
-    precision: str = "32-true"
+    precision: str = "bf16-mixed"
     log_every_n_steps: int = 10
-    val_every_n_steps: int = 500
-    checkpoint_every_n_steps: int = 500
+    val_every_n_steps: int = 1000
+    checkpoint_every_n_steps: int = 1000
     seed: int = 0
     progress_bar: bool = True
     accumulate_grad_batches: int = 1
@@ -282,17 +285,9 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # the newest N complete checkpoints are kept (at least 2)
     # Steps whose loss or gradient norm is not finite are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 3
-    # Debugging the guard: make the loss NaN at these optimizer steps (1-based).
-    debug_nan_loss_steps: list[int] = field(default_factory=list)
-    # Debugging checkpoint safety: pause this long after a checkpoint is written, before it is
-    # published (a test kills the run there).
-    debug_checkpoint_delay_s: float = 0.0
-    # Debugging the resume tests' negative control: a resumed run draws from other random streams
-    # (what a trainer that does not restore its generators does).
-    debug_reseed_on_resume: bool = False
-    # Debugging preemption: sleep this long after every optimizer step (a test signals the run
-    # part-way through; the tiny model trains too fast to catch otherwise).
-    debug_step_delay_s: float = 0.0
+    # Your own Lightning callbacks, added after the built-in ones: dotted paths of a Callback class or
+    # of a function returning one, called without arguments ('my_project.callbacks.LogGpuTemperature').
+    callbacks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -317,17 +312,18 @@ class PathsConfig:
 class TrainConfig:
     """The whole composed config (`conf/config.yaml`)."""
 
-    experiment_name: str  # names the run directory, with run_name
-    run_name: str
+    # In the order conf/config.yaml composes them, which is the order problems are listed in.
     model: ModelConfig
     vae: VAEConfig
     text: TextConfig
     diffusion: DiffusionConfig
     data: DataConfig
     optim: OptimConfig
+    trainer: TrainerConfig
+    strategy: StrategyConfig
+    logger: LoggerConfig
+    experiment_name: str  # names the run directory, with run_name
+    run_name: str
     ema: EMAConfig
     eval: EvalConfig
-    trainer: TrainerConfig
-    logger: LoggerConfig
     paths: PathsConfig
-    strategy: StrategyConfig

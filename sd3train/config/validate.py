@@ -174,7 +174,7 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
     if trainer.precision not in PRECISIONS:
         problems.append(f"trainer.precision: {trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
     # A checkpoint is a step directory (checkpoints/step-NNNNNNN, checkpoints/last), a .ckpt file, or
-    # a DeepSpeed .ckpt directory; sd3train.train.resume_checkpoint checks a step directory is complete.
+    # a DeepSpeed .ckpt directory; sd3train.checkpoint.step_dirs.resume_checkpoint checks a step directory is complete.
     if trainer.resume not in ("auto", "never") and not Path(trainer.resume).exists():
         problems.append(f"trainer.resume: {trainer.resume!r} is neither 'auto', 'never' nor an existing checkpoint "
                         "(a step directory, checkpoints/last or a .ckpt)")

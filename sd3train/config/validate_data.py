@@ -47,7 +47,6 @@ def _caption_table_problems(data) -> list[str]:
     """A caption folder of sd3train-caption, and shard names that each pick one table of it."""
     from collections import Counter
 
-    from sd3train.curation.tasks import UsageError
     from sd3train.data.caption_tables import CAPTION_FORMAT, CAPTION_INFO_NAME, read_caption_info, table_name
     from sd3train.data.sources import resolve_shard_urls
 
@@ -65,7 +64,7 @@ def _caption_table_problems(data) -> list[str]:
     try:
         urls = [url for spec in ([s.shards for s in data.sources] or [data.shards]) for url in resolve_shard_urls(spec)]
         names = [table_name(url) for url in urls]
-    except (ValueError, UsageError) as error:
+    except ValueError as error:  # a bad shard spec, or a url that names no tar (ShardNameError)
         return [f"data.synthetic_captions: {error}"]
     repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:

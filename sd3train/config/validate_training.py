@@ -1,7 +1,10 @@
 """Cross-field checks of how training runs: strategy (DDP / ZeRO stages and their options), batch
-arithmetic, checkpoint retention and the non-finite guard."""
+arithmetic, checkpoint retention, the non-finite guard and the user's callbacks."""
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from sd3train.config.schema import TrainConfig
 
@@ -49,11 +52,11 @@ def trainer_problems(cfg: TrainConfig) -> list[str]:
                         f"an older complete one), got {trainer.keep_checkpoints}")
     if trainer.checkpoint_every_n_steps < 1:
         problems.append(f"trainer.checkpoint_every_n_steps: must be >= 1, got {trainer.checkpoint_every_n_steps}")
-    for name in ("debug_checkpoint_delay_s", "debug_step_delay_s"):
-        if getattr(trainer, name) < 0:
-            problems.append(f"trainer.{name}: must be >= 0, got {getattr(trainer, name)}")
-    if any(step < 1 for step in trainer.debug_nan_loss_steps):
-        problems.append(f"trainer.debug_nan_loss_steps: steps are 1-based, got {trainer.debug_nan_loss_steps}")
+    for index, path in enumerate(trainer.callbacks):
+        try:
+            import_object(path)
+        except (ImportError, AttributeError, ValueError, TypeError) as error:
+            problems.append(f"trainer.callbacks[{index}]: {error}")
     if trainer.global_batch_size is not None:
         world = trainer.devices * trainer.num_nodes
         actual = cfg.data.batch_size * trainer.accumulate_grad_batches * world
@@ -64,3 +67,21 @@ def trainer_problems(cfg: TrainConfig) -> list[str]:
                 f"{trainer.devices} x trainer.num_nodes {trainer.num_nodes} = {actual}"
             )
     return problems
+
+
+def import_object(path: str) -> Any:
+    """The callable a dotted path names (`package.module.Name`), imported; ValueError, ImportError,
+    AttributeError or TypeError saying what is wrong with `path`."""
+    module_name, _, name = path.rpartition(".")
+    if not module_name or not name:
+        raise ValueError(f"{path!r} is not a dotted path (package.module.Name)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"cannot import {module_name!r} for {path!r}: {error}") from error
+    if not hasattr(module, name):
+        raise AttributeError(f"module {module_name!r} has no {name!r}")
+    found = getattr(module, name)
+    if not callable(found):
+        raise TypeError(f"{path!r} is a {type(found).__name__}, not a class or function")
+    return found

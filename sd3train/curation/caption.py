@@ -50,10 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd3train.curation.atomic import publish_once, remove_leftovers, replace, sync, temporary_file
 from sd3train.curation.tasks import ShardTally, UsageError, assigned, note_problem, pick_device, resolve_task
 from sd3train.curation.vlm import DEFAULT_PROMPT, DTYPE_NAMES, ModelLoadError
 from sd3train.data.caption_tables import CAPTION_FORMAT, CAPTION_INFO_NAME, table_line, table_name
+from sd3train.data.shard_names import ShardNameError
+from sd3train.durable import publish_once, remove_leftovers, replace, sync, temporary_file
 
 PROG = "sd3train-caption"
 USAGE_EXIT_CODE = 2
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--shards: {error}") from None
     try:
         names = [table_name(url) for url in urls]
-    except UsageError as error:
+    except ShardNameError as error:
         raise UsageError(f"--shards: {error}") from None
     repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:

@@ -1,4 +1,4 @@
-"""The files sd3train-dedup writes, each complete or absent (atomic.py), with bytes fixed by their content.
+"""The files sd3train-dedup writes, each complete or absent (sd3train/durable.py), with bytes fixed by their content.
 
     write_arrays(path, {"keys": keys, "descriptors": vectors, "descriptor": np.array(name)})
     arrays = read_arrays(path)                  # dict of numpy arrays (np.load of an .npz)
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sd3train.curation.atomic import replace, sync, temporary_file
+from sd3train.durable import replace, sync, temporary_file
 
 EMBEDDINGS_DIR = "embeddings"
 CLUSTERS_NAME = "clusters.npz"

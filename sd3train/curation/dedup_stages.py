@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from sd3train.curation.atomic import remove_leftovers, replace, sync, temporary_file
 from sd3train.curation.dedup_files import (
     BLOCKLIST_NAME,
     CLUSTERS_NAME,
@@ -33,6 +32,7 @@ from sd3train.curation.dedup_files import (
     write_arrays,
 )
 from sd3train.curation.tasks import ShardTally, UsageError, assigned, output_name, pick_device
+from sd3train.durable import remove_leftovers, replace, sync, temporary_file
 
 PROG = "sd3train-dedup"
 FAILED_SHARDS_EXIT_CODE = 1
@@ -237,7 +237,6 @@ def cluster_stage(spec: str, out: Path, clusters: int, train_samples: int, seed:
 
 
 def search_stage(spec: str, out: Path, threshold: float | None, probe: int, examples: int) -> int:
-    from sd3train.curation.descriptors import DEFAULT_THRESHOLDS
     from sd3train.curation.dedup_report import (
         example_groups,
         size_histogram,
@@ -247,6 +246,7 @@ def search_stage(spec: str, out: Path, threshold: float | None, probe: int, exam
         write_report,
     )
     from sd3train.curation.dedup_search import choose_kept, connected_groups, find_pairs
+    from sd3train.curation.descriptors import DEFAULT_THRESHOLDS
 
     check_search_options(threshold, probe, examples)
     embeddings = load_embeddings(spec, out)

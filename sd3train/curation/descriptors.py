@@ -15,7 +15,7 @@ groups them so.
   Invariant to resizing and to a per-channel gain and offset (brightness, contrast, white balance),
   tolerant of re-encoding and a crop of a few percent; not of flips, rotations, large crops or
   desaturation. Good for exact and lightly edited copies, and as a test descriptor; its default
-  threshold is 0.85: on the planted test sets (tests/dedup_shards.py: crop 2-5% per side, resize,
+  threshold is 0.85: on the planted test sets (tests/support/dedup_shards.py: crop 2-5% per side, resize,
   colour shift, JPEG 30-60) copies score above 0.9 but for about 1 in 100 (a crop through fine
   detail: 0.75), and distinct images stay under 0.56. A
   channel under `FLAT_STD` levels of spread counts as flat and contributes zeros; an image flat in

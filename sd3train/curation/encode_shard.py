@@ -5,7 +5,7 @@
 
 Samples are decoded as validation decodes them, batched per aspect bucket (at most
 `REORDER_WINDOW_BATCHES` batches' worth waiting), encoded, and written in source order to a
-temporary file that is renamed into place only when the source could be read (`atomic`). The
+temporary file that is renamed into place only when the source could be read (`sd3train.durable`). The
 command line around it is `sd3train.curation.precompute`.
 """
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd3train.curation.atomic import replace, sync, temporary_file
 from sd3train.curation.tasks import note_problem
+from sd3train.durable import replace, sync, temporary_file
 
 # A sample waits in its bucket's partial batch until at most this many batches' worth of later
 # samples have been read; then that bucket is encoded as it is. Bounds the memory held for
@@ -51,14 +51,13 @@ class Encoders:
     def __init__(self, cfg, device: str):
         import torch
 
-        from sd3train.model.text_encoders import TextConditioner
-        from sd3train.model.vae import VAE
+        from sd3train.checkpoint.components import text_conditioner_from_config, vae_from_config
 
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic = True  # the same convolution algorithm on every run
-        self.vae = VAE.from_config(cfg.vae).requires_grad_(False).eval().to(self.device, torch.float32)
-        self.text = TextConditioner.from_config(cfg.text).requires_grad_(False).eval().to(self.device)
+        self.vae = vae_from_config(cfg.vae).to(self.device, torch.float32)
+        self.text = text_conditioner_from_config(cfg.text).requires_grad_(False).eval().to(self.device)
 
     def images(self, images):
         """(B, 3, h, w) in [-1, 1] -> (mean, std) of the posterior, fp32 on the CPU."""
@@ -194,8 +193,8 @@ class Precomputer:
 
         from sd3train.data.caption_tables import ShardCaptions
         from sd3train.data.decoders import Skip
-        from sd3train.data.shards import TAR_GROUP, TAR_MODE, TAR_MTIME, TAR_USER
         from sd3train.data.tar_reader import ShardProblem, read_shard
+        from sd3train.data.tar_writer import TAR_GROUP, TAR_MODE, TAR_MTIME, TAR_USER
 
         result = ShardResult()
         # The sample's own synthetic caption, or its shard's caption table first (data.synthetic_captions).

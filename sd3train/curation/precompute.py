@@ -52,14 +52,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sd3train.curation.atomic import publish_once, remove_leftovers, sync, temporary_file
 from sd3train.curation.encode_shard import Encoders, Precomputer
 from sd3train.curation.tasks import (  # noqa: F401 (part of this module's interface)
     ShardTally,
     UsageError,
-    pick_device,
     assigned,
     output_name,
+    pick_device,
     resolve_task,
 )
 from sd3train.data.cache_info import (  # noqa: F401 (DATA_FIELDS re-exported)
@@ -68,6 +67,7 @@ from sd3train.data.cache_info import (  # noqa: F401 (DATA_FIELDS re-exported)
     cache_info,
     info_differences,
 )
+from sd3train.durable import publish_once, remove_leftovers, sync, temporary_file
 
 PROG = "sd3train-precompute"
 USAGE_EXIT_CODE = 2
@@ -113,18 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def compose_config(overrides: list[str]):
-    """The validated TrainConfig for `overrides`, composed as sd3train-train composes it."""
-    from hydra import compose, initialize_config_dir
-
-    from sd3train.config.overrides import normalise_overrides
+    """The validated TrainConfig for `overrides`, composed as sd3train-train composes it (shard specs
+    as it takes them: braces unquoted, or expanded by the shell)."""
+    from sd3train.config.compose import compose_raw
     from sd3train.config.typed import ConfigError
     from sd3train.config.validate import load_config
-    from sd3train.train import CONF_DIR
 
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            # Shard specs as sd3train-train takes them: braces unquoted, or expanded by the shell.
-            raw = compose(config_name="config", overrides=normalise_overrides(list(overrides)))
+        raw = compose_raw(overrides)
     except Exception as error:  # noqa: BLE001  (Hydra's override and missing-option errors)
         raise UsageError(f"cannot compose the config: {error}") from None
     try:

@@ -11,15 +11,12 @@ of `SLURM_ARRAY_TASK_COUNT` tasks (0 of 1 outside an array), so `sbatch --array=
 from __future__ import annotations
 
 import os
-import shlex
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
 
-COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+from sd3train.data.shard_names import ShardNameError, shard_file_name
 
 
 class UsageError(Exception):
@@ -63,30 +60,12 @@ def assigned(urls: list[str], task_index: int, num_tasks: int) -> list[str]:
 
 
 def output_name(url: str) -> str:
-    """The cache shard's file name for a source url: its basename (a compressed tar gives `.tar`)."""
-    if url.startswith("pipe:"):
-        # The first argument of the command that names a tar: `pipe:aws s3 cp s3://b/x.tar -` -> x.tar.
-        try:
-            tokens = shlex.split(url[len("pipe:"):])
-        except ValueError:
-            tokens = url[len("pipe:"):].split()
-        paths = [token for token in tokens if _tar_name(token.rstrip("/").rsplit("/", 1)[-1])]
-        base = paths[0].rstrip("/").rsplit("/", 1)[-1] if paths else ""
-    elif "://" in url:
-        base = urlparse(url).path.rsplit("/", 1)[-1]
-    else:
-        base = Path(url.removeprefix("file:")).name
-    name = _tar_name(base)
-    if name is None:
-        raise UsageError(f"cannot name the cache shard for {url!r}: its file name does not end in .tar")
-    return name
-
-
-def _tar_name(base: str) -> str | None:
-    for suffix in COMPRESSED_TAR_SUFFIXES:
-        if base.endswith(suffix) and len(base) > len(suffix):
-            return base[: -len(suffix)] + ".tar"
-    return base if base.endswith(".tar") and len(base) > len(".tar") else None
+    """The output file's name for a source shard url (`shard_file_name`); a url that names no tar is a
+    usage error (exit status 2)."""
+    try:
+        return shard_file_name(url)
+    except ShardNameError as error:
+        raise UsageError(str(error)) from None
 
 
 def pick_device(requested: str) -> str:

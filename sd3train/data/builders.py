@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from sd3train.config.schema import DataConfig
 from sd3train.data.buckets import make_buckets, square_bucket
 from sd3train.data.caption_tables import SYNTHETIC_FIELD, SyntheticCaptions
 from sd3train.data.captions import CaptionField
 from sd3train.data.decoders import ImageDecoder, parse_extensions
 from sd3train.data.sources import ShardPlan, Source, resolve_shard_urls
+
+if TYPE_CHECKING:
+    from sd3train.config.schema import DataConfig
 
 
 def bucket_list(cfg: DataConfig) -> list:

@@ -9,10 +9,10 @@ Kept apart from the precompute tool so training can check a cache without import
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sd3train.config.typed import to_plain
 from sd3train.data.sources import is_url, resolve_shard_urls
 
 CACHE_FORMAT = 1
@@ -29,11 +29,11 @@ TRAINING_ONLY_TEXT_FIELDS = ("dropout_clip_l", "dropout_clip_g", "dropout_t5")
 
 def cache_info(cfg, dtype_name: str) -> dict[str, Any]:
     """What `DIR/cache_info.json` holds for this config (plain JSON data)."""
-    text = {name: value for name, value in to_plain(cfg.text).items() if name not in TRAINING_ONLY_TEXT_FIELDS}
+    text = {name: value for name, value in asdict(cfg.text).items() if name not in TRAINING_ONLY_TEXT_FIELDS}
     info = {
         "format": CACHE_FORMAT,
         "dtype": dtype_name,
-        "vae": to_plain(cfg.vae),
+        "vae": asdict(cfg.vae),
         "text": text,
         "data": {name: getattr(cfg.data, name) for name in DATA_FIELDS},
     }

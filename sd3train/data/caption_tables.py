@@ -6,7 +6,7 @@
 
 Layout (written by `sd3train-caption`, `sd3train/curation/caption.py`): a folder holding
 `caption_info.json` (format, model, prompt, max_new_tokens, dtype, image_key) and, per image shard, one
-`<shard name stem>.jsonl` named after the shard's file name (`tasks.output_name`: `a/00001.tar`,
+`<shard name stem>.jsonl` named after the shard's file name (`shard_file_name`: `a/00001.tar`,
 `pipe:aws s3 cp s3://b/00001.tar -` and `00001.tar.gz` all give `00001.jsonl`). Each line is
 `{"key": ..., "caption": ...}` (UTF-8, keys sorted), in shard order; a sample without a usable
 caption has no line. The image shards are never rewritten.
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from sd3train.data.captions import CaptionField
+from sd3train.data.shard_names import shard_file_name
 from sd3train.data.tar_reader import RawSample
 
 LOG = logging.getLogger("sd3train.data")
@@ -60,10 +61,9 @@ class CaptionTableError(ValueError):
 
 
 def table_name(url: str) -> str:
-    """The caption table's file name for a shard url: `<output_name stem>.jsonl`."""
-    from sd3train.curation.tasks import output_name  # a pure function; no tool is imported
-
-    return output_name(url).removesuffix(".tar") + TABLE_SUFFIX
+    """The caption table's file name for a shard url: `<shard_file_name stem>.jsonl`; ShardNameError when
+    the url names no tar."""
+    return shard_file_name(url).removesuffix(".tar") + TABLE_SUFFIX
 
 
 def table_line(key: str, caption: str) -> bytes:

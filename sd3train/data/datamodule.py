@@ -11,11 +11,9 @@ How each worker's stream is made is in `sd3train/data/stream.py`; which shards i
 `sources.py`; the DataLoader side in `loaders.py`. The training stream is infinite (training is
 step-based).
 
-State: what was *consumed* (a batch counts when Lightning hands it to the step, through
-`on_before_batch_transfer`, not when the loader prefetched it), per rank: the epoch, per worker
-the batches consumed in it, the (url, key) of samples that failed to decode and a digest of its
-last consumed batch, the worker whose batch came last, and the skip ledger (whose budget is
-checked as batches are consumed). `state_dict()` gathers every rank's part (it is called on all ranks when
+State: this rank's `StreamPosition` (`position.py`): what was *consumed* (a batch counts when
+Lightning hands it to the step, through `on_before_batch_transfer`, not when the loader prefetched
+it) and the skip ledger. `state_dict()` gathers every rank's position (it is called on all ranks when
 Lightning checkpoints); `load_state_dict` keeps this rank's, and `train_dataloader()` resumes each
 worker exactly where its consumed batches end. A different world size, worker count or stream
 setting is refused, naming what changed, unless `data.resume_resplit=true`.
@@ -24,21 +22,23 @@ setting is refused, naming what changed, unless `data.resume_resplit=true`.
 from __future__ import annotations
 
 import os
-import weakref
 from collections import Counter
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning
 import torch
 from torch.utils.data import DataLoader
 
-from sd3train.config.schema import DataConfig
 from sd3train.data.builders import build_captions, build_decoder, build_plan
 from sd3train.data.loaders import TrainBatches, TrainShardStream, ValShardStream
-from sd3train.data.skips import LOG, REASONS, SkipLedger, load_blocklist
+from sd3train.data.position import StreamPosition
+from sd3train.data.skips import LOG, REASONS, load_blocklist
 from sd3train.data.sources import missing_local_shards, resolve_shard_urls
-from sd3train.data.stream import DATA_KEY, Replay, StreamSpec, keys_digest
+from sd3train.data.stream import Replay, StreamSpec, keys_digest
 from sd3train.paths import REPO_ROOT, resolve_repo_path
+
+if TYPE_CHECKING:
+    from sd3train.config.schema import DataConfig
 
 __all__ = ["REPO_ROOT", "ShardDataModule", "resolve_shard_urls", "build_decoder", "build_plan"]
 
@@ -89,107 +89,39 @@ class ShardDataModule(lightning.LightningDataModule):
         self.captions = build_captions(cfg)
         self.val_urls = resolve_shard_urls(cfg.val_shards) if cfg.val_shards else []
         self.rank, self.world_size = 0, 1
-        self._reset_position(epoch=0)
-        self.batches_consumed = 0
-        self.samples_consumed = 0
-        self.ledger = SkipLedger("rank 0")
-        self._tails: dict[tuple[int, int], dict[str, Any]] = {}  # see record_tail
-        self._tails_counted: set[tuple[int, int]] = set()
+        self.position = StreamPosition(cfg.num_workers, cfg.skip_budget, cfg.skip_budget_min_samples)
+        self.train_batches: Optional[TrainBatches] = None  # the iterable train_dataloader() last returned
         self._shards_checked = False
         self._blocklist_keys: Optional[frozenset[str]] = None
         self._loaded: Optional[dict[str, Any]] = None  # a loaded state, applied in train_dataloader
-        self._resume_epoch: Optional[int] = None
-        self._train_batches: Optional[weakref.ref] = None
 
-    # ----------------------------------------------------------------- position
-    def _reset_position(self, epoch: int) -> None:
-        self.epoch = epoch
-        workers = max(1, self.cfg.num_workers)
-        self.consumed_in_epoch = [0] * workers
-        self.failed: list[list[tuple[str, str]]] = [[] for _ in range(workers)]
-        self.last_keys: list[Optional[str]] = [None] * workers  # digest of each worker's last consumed batch
-        self.last_worker: Optional[int] = None
+    # ------------------------------ position (read-only views of self.position)
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
 
     @property
     def batches_in_epoch(self) -> int:
-        return sum(self.consumed_in_epoch)
+        return self.position.batches_in_epoch
+
+    @property
+    def batches_consumed(self) -> int:
+        return self.position.batches_consumed
 
     @property
     def skipped(self) -> Counter:
-        return self.ledger.reasons
+        return self.position.skipped
 
     @property
     def samples_read(self) -> int:
-        return self.ledger.read
+        return self.position.ledger.read
 
     @property
     def shard_spec(self) -> str:
         return " + ".join(f"{s.shards} (weight {s.weight})" for s in self.cfg.sources) if self.cfg.sources else self.cfg.shards
 
-    def _count(self, report: dict[str, Any], final: bool = False) -> None:
-        self.ledger.add(report)
-        self.ledger.check_budget(self.cfg.skip_budget, self.cfg.skip_budget_min_samples, final=final)
-
-    def consume(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Record that `batch` reaches training; returns it without its bookkeeping."""
-        cursor = batch.pop(DATA_KEY, None)
-        if cursor is None:
-            return batch
-        if cursor["epoch"] != self.epoch:
-            for key in [key for key in self._tails if key[0] < cursor["epoch"]]:
-                self._count(self._tails.pop(key))  # the old epoch's last counts, had they not been applied
-            self._reset_position(cursor["epoch"])
-        worker = cursor["worker"]
-        self.consumed_in_epoch[worker] = cursor["index"]
-        self.failed[worker].extend(tuple(pair) for pair in cursor["failed"])
-        self.last_keys[worker] = keys_digest(batch["keys"])
-        self.last_worker = worker
-        self.batches_consumed += 1
-        self.samples_consumed += len(batch["keys"])
-        self._count(cursor)
-        tail = self._tails.get((cursor["epoch"], worker))
-        if tail is not None and tail["index"] == cursor["index"]:
-            self._apply_tail(self._tails.pop((cursor["epoch"], worker)))
-        return batch
-
-    def _apply_tail(self, cursor: dict[str, Any]) -> None:
-        self._tails_counted.add((cursor["epoch"], cursor["worker"]))
-        self._count(cursor, final=True)
-
-    def record_tail(self, cursor: dict[str, Any]) -> None:
-        """A worker's counts after its last batch of an epoch: applied once that batch is consumed
-        (a resumed worker does not send them again once they were)."""
-        worker = cursor["worker"]
-        consumed = self.consumed_in_epoch[worker] if cursor["epoch"] == self.epoch else 0
-        if cursor["index"] == 0 or (cursor["epoch"] == self.epoch and consumed >= cursor["index"]):
-            self._apply_tail(cursor)
-        else:
-            self._tails[(cursor["epoch"], worker)] = cursor
-
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self.consume(batch) if isinstance(batch, dict) else batch
-
-    def resume_point(self) -> tuple[int, dict[int, Replay]]:
-        """The epoch to stream next and, for a part-way epoch, where each worker picks up."""
-        counted = {worker for epoch, worker in self._tails_counted if epoch == self.epoch}
-        if not any(self.consumed_in_epoch) and not counted:
-            return self.epoch, {}
-        self._resume_epoch = self.epoch
-        replays = {
-            worker: Replay(
-                skip_batches=self.consumed_in_epoch[worker],
-                failed=frozenset(self.failed[worker]),
-                # Workers up to the last one served have had their turn in this round-robin cycle.
-                placeholder=self.last_worker is not None and worker <= self.last_worker,
-                last_keys=self.last_keys[worker],
-                tail_counted=worker in counted,
-            )
-            for worker in range(len(self.consumed_in_epoch))
-        }
-        return self.epoch, replays
-
-    def resumed_mid_epoch(self, epoch: int) -> bool:
-        return self._resume_epoch == epoch
+        return self.position.consume(batch) if isinstance(batch, dict) else batch
 
     # -------------------------------------------------------------- dataloaders
     def _check_local(self, urls: list[str], what: str) -> None:
@@ -224,7 +156,7 @@ class ShardDataModule(lightning.LightningDataModule):
                 f"{self.plan.num_shards} train shard(s) cannot feed {self.world_size} ranks: "
                 "every rank needs at least one shard (or set data.resampled=true)"
             )
-        self.ledger.where = f"rank {self.rank}"
+        self.position.ledger.where = f"rank {self.rank}"
         if self._loaded is not None:
             self._apply_loaded(self._loaded)
             self._loaded = None
@@ -240,17 +172,11 @@ class ShardDataModule(lightning.LightningDataModule):
         def make_dataset(first_epoch: int, replays: dict[int, Replay]) -> TrainShardStream:
             return TrainShardStream(spec, first_epoch, rank, world_size, replays)
 
-        batches = TrainBatches(self, make_dataset)
-        # A weak reference: a cycle (datamodule <-> batches) would leave the persistent workers to
-        # the cyclic garbage collector, which may finalise their queues first and then waits 5 s
-        # per worker before killing it.
-        self._train_batches = weakref.ref(batches)
-        return batches
-
-    @property
-    def train_batches(self) -> Optional[TrainBatches]:
-        """The training iterable last returned by train_dataloader(), while it exists."""
-        return self._train_batches() if self._train_batches is not None else None
+        self.train_batches = TrainBatches(
+            self.position, make_dataset, num_workers=self.cfg.num_workers, consume_when_handed_out=self.trainer is None,
+            batch_size=self.cfg.batch_size, rank=rank, world_size=world_size, shard_spec=self.shard_spec,
+        )
+        return self.train_batches
 
     def _blocklist(self) -> frozenset[str]:
         """Read once: the stream and every checkpoint's state (its digest) need it."""
@@ -261,9 +187,8 @@ class ShardDataModule(lightning.LightningDataModule):
         return self._blocklist_keys
 
     def teardown(self, stage: Optional[str] = None) -> None:
-        batches = self.train_batches
-        if batches is not None:
-            batches.shutdown()
+        if self.train_batches is not None:
+            self.train_batches.shutdown()
 
     def val_dataloader(self) -> DataLoader | list:
         """Fixed-order batches, the same on every rank; `[]` (no validation) without val shards."""
@@ -284,24 +209,11 @@ class ShardDataModule(lightning.LightningDataModule):
         settings["blocklist_digest"] = keys_digest(sorted(blocklist)) if blocklist else None
         return settings
 
-    def _rank_state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "consumed_in_epoch": list(self.consumed_in_epoch),
-            "failed": [[list(pair) for pair in pairs] for pairs in self.failed],
-            "last_keys": list(self.last_keys),
-            "last_worker": self.last_worker,
-            "tails_counted": sorted(worker for epoch, worker in self._tails_counted if epoch == self.epoch),
-            "batches_consumed": self.batches_consumed,
-            "samples_consumed": self.samples_consumed,
-            "ledger": self.ledger.state_dict(),
-        }
-
     def state_dict(self) -> dict[str, Any]:
-        ranks = [self._rank_state()]
+        ranks = [self.position.state_dict()]
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, self._rank_state())
+            torch.distributed.all_gather_object(ranks, self.position.state_dict())
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
@@ -348,17 +260,9 @@ class ShardDataModule(lightning.LightningDataModule):
                     "epoch split over the new topology (no sample-exact continuation)."
                 )
             # Statistical re-split: every rank starts the epoch after the newest one any rank reached.
-            self._reset_position(max(rank["epoch"] for rank in ranks) + 1)
+            self.position.load_state_dict(mine, resplit_epoch=max(rank["epoch"] for rank in ranks) + 1)
         else:
-            self._reset_position(mine["epoch"])
-            self.consumed_in_epoch = list(mine["consumed_in_epoch"])
-            self.failed = [[tuple(pair) for pair in pairs] for pairs in mine["failed"]]
-            self.last_keys = list(mine["last_keys"])
-            self.last_worker = mine["last_worker"]
-            self._tails_counted = {(self.epoch, worker) for worker in mine["tails_counted"]}
-        self.batches_consumed = int(mine["batches_consumed"])
-        self.samples_consumed = int(mine["samples_consumed"])
-        self.ledger.load_state_dict(mine["ledger"])
+            self.position.load_state_dict(mine)
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict[str, float]:
@@ -369,7 +273,7 @@ class ShardDataModule(lightning.LightningDataModule):
 
     def skipped_fraction(self) -> float:
         """Bad samples (blocklisted ones are not) over samples read, on this rank."""
-        return self.ledger.bad / max(1, self.samples_read)
+        return self.position.ledger.bad / max(1, self.samples_read)
 
 
 def _plain(value: Any) -> Any:

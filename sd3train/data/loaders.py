@@ -1,5 +1,5 @@
 """The iterables behind `ShardDataModule`: per-worker training streams, validation batches, and the
-endless training iterable that keeps the datamodule's consumption cursor.
+endless training iterable that moves the stream's position (`position.py`) along.
 
 DataLoader workers persist across epochs; a worker streams epoch `first_epoch + k` on its k-th
 `iter()` (torch re-iterates persistent workers once per `iter(loader)`), and every batch carries
@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sd3train.data.decoders import Skip, collate
+from sd3train.data.position import StreamPosition
 from sd3train.data.stream import DATA_KEY, Replay, StreamSpec, stream_epoch
 from sd3train.data.tar_reader import RawSample, read_shard
-
-if TYPE_CHECKING:
-    from sd3train.data.datamodule import ShardDataModule
 
 
 class TrainShardStream(IterableDataset):
@@ -84,26 +82,40 @@ class ValShardStream(IterableDataset):
 class TrainBatches:
     """The infinite training iterable `ShardDataModule.train_dataloader()` returns.
 
-    Owns a DataLoader with persistent workers and iterates it once per epoch. Without a Lightning
-    trainer a batch counts as consumed when it is handed out; under one, when the datamodule's
-    `on_before_batch_transfer` sees it.
+    Owns a DataLoader with persistent workers and iterates it once per epoch. With
+    `consume_when_handed_out` (no Lightning trainer) a batch counts as consumed when it is handed out;
+    under a trainer, when the datamodule's `on_before_batch_transfer` sees it.
     """
 
-    def __init__(self, datamodule: "ShardDataModule", make_dataset: Callable[[int, dict[int, Replay]], TrainShardStream]):
-        self._datamodule = datamodule
+    def __init__(
+        self,
+        position: StreamPosition,
+        make_dataset: Callable[[int, dict[int, Replay]], TrainShardStream],
+        *,
+        num_workers: int,
+        consume_when_handed_out: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        shard_spec: str,
+    ):
+        self._position = position
         self._make_dataset = make_dataset
+        self._num_workers = num_workers
+        self._consume_when_handed_out = consume_when_handed_out
+        # For the message of an epoch that gave no batch.
+        self._batch_size, self._rank, self._world_size, self._shard_spec = batch_size, rank, world_size, shard_spec
         self._loader: Optional[DataLoader] = None
         self._loader_epoch = -1  # the epoch the loader's next iter() streams
         self.wait_seconds = 0.0  # time spent waiting for the loader, for data/wait_fraction
 
     def _loader_for(self, epoch: int, replays: dict[int, Replay]) -> DataLoader:
         if self._loader is None or self._loader_epoch != epoch or replays:
-            num_workers = self._datamodule.cfg.num_workers
             self._loader = DataLoader(
                 self._make_dataset(epoch, replays),
                 batch_size=None,  # batched inside the dataset
-                num_workers=num_workers,
-                persistent_workers=num_workers > 0,
+                num_workers=self._num_workers,
+                persistent_workers=self._num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
             )
         self._loader_epoch = epoch + 1
@@ -117,8 +129,8 @@ class TrainBatches:
         self._loader = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        datamodule = self._datamodule
-        epoch, replays = datamodule.resume_point()
+        position = self._position
+        epoch, replays = position.resume_point()
         while True:
             handed = 0
             iterator = iter(self._loader_for(epoch, replays))
@@ -140,17 +152,16 @@ class TrainBatches:
                 if cursor.get("placeholder"):
                     continue
                 if cursor.get("tail"):
-                    datamodule.record_tail(cursor)
+                    position.record_tail(cursor)
                     continue
                 handed += 1
-                if datamodule.trainer is None:
-                    datamodule.consume(batch)
+                if self._consume_when_handed_out:
+                    position.consume(batch)
                 yield batch
-            if handed == 0 and not datamodule.resumed_mid_epoch(epoch):
+            if handed == 0 and not position.resumed_mid_epoch(epoch):
                 raise RuntimeError(
-                    f"epoch {epoch} gave no batch of {datamodule.cfg.batch_size} on rank {datamodule.rank}: "
-                    f"too few usable samples for {datamodule.world_size} rank(s) x "
-                    f"{max(1, datamodule.cfg.num_workers)} worker(s) in {datamodule.shard_spec!r} "
-                    f"(skipped so far: {dict(datamodule.skipped) or 'none'})"
+                    f"epoch {epoch} gave no batch of {self._batch_size} on rank {self._rank}: too few usable samples "
+                    f"for {self._world_size} rank(s) x {max(1, self._num_workers)} worker(s) in {self._shard_spec!r} "
+                    f"(skipped so far: {dict(position.skipped) or 'none'})"
                 )
             epoch += 1

@@ -159,14 +159,3 @@ class PreviewAndEvaluate(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
         print(f"eval/colour_adherence = {score:.3f} over {len(prompts)} prompts (seeds from {self.seed})")
-
-
-class StepDelay(L.Callback):
-    """Sleep after every training batch (`trainer.debug_step_delay_s`): lets a test signal a run
-    that would otherwise finish before the signal arrives."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        time.sleep(self.seconds)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from sd3train.checkpoint.components import (
+    mmdit_from_config,
+    text_conditioner_from_config,
+    vae_from_config,
+    weight_sources,
+)
 from sd3train.config.schema import TrainConfig
 from sd3train.config.typed import to_plain
 from sd3train.data.cache_format import TEXT_OUTPUTS
@@ -16,8 +22,7 @@ from sd3train.lit.loggers import wandb_run_id
 from sd3train.lit.nonfinite import NonFiniteGuard, SkippableAdamW
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.mmdit import MMDiT
-from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner, weight_sources
-from sd3train.model.vae import VAE
+from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner
 from sd3train.paths import run_dir_of
 from sd3train.runtime.lr_schedule import lr_factor
 from sd3train.runtime.rng import derive_seed, step_generator
@@ -30,12 +35,11 @@ class SD3LitModule(L.LightningModule):
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         self.cfg = cfg
-        self.mmdit = MMDiT.from_config(cfg.model)
-        self.vae = VAE.from_config(cfg.vae).requires_grad_(False).eval()
-        self.text = TextConditioner.from_config(cfg.text)
+        self.mmdit = mmdit_from_config(cfg.model)
+        self.vae = vae_from_config(cfg.vae)  # frozen, eval mode
+        self.text = text_conditioner_from_config(cfg.text)
         self.ema = EMAModel(self.mmdit, cfg.ema.decay) if cfg.ema.enabled else None
         self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
-        self._stream_salt = ""  # see trainer.debug_reseed_on_resume
         self.latent_cache = LatentMomentCache(cfg.data.latent_cache_max_samples) if cfg.data.cache_latents else None
         diffusion = cfg.diffusion
         self.train_shift = (
@@ -104,7 +108,7 @@ class SD3LitModule(L.LightningModule):
         # Micro-batches of one accumulated step need streams of their own.
         accumulate = self.cfg.trainer.accumulate_grad_batches
         stream = "train" if accumulate == 1 else f"train-{batch_idx % accumulate}"
-        return stream + self._stream_salt
+        return stream
 
     def _all_ranks_finite(self, value: torch.Tensor) -> bool:
         """True only when `value` is finite on every rank, so all ranks skip the same steps."""
@@ -131,8 +135,6 @@ class SD3LitModule(L.LightningModule):
                 self.mmdit.pos_embed_max_size, generator, region=self.cfg.model.pos_embed_crop_region,
             )
         losses = self._flow_loss(latents, context, pooled, t, noise, pos_offset)
-        if self.global_step + 1 in self.cfg.trainer.debug_nan_loss_steps:
-            losses = losses * torch.tensor(float("nan"), device=losses.device)  # the guard's test hook
         loss = losses.mean()
         finite = self._all_ranks_finite(loss.detach())
         self.guard.observe_loss(finite)
@@ -242,8 +244,6 @@ class SD3LitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "sd3train_guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["sd3train_guard"])
-        if self.cfg.trainer.debug_reseed_on_resume:
-            self._stream_salt = "-reseeded"
         if "state_dict" not in checkpoint:
             return  # DeepSpeed restores the (sharded) weights itself and hands over the rest
         # Parts left out at save time come from the weight files they were loaded from.

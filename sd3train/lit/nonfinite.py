@@ -9,7 +9,7 @@
 A skipped step still counts as a step (the LR schedule and the per-step random streams stay a
 function of the step number), but the weights, the optimizer moments and the EMA stay as they
 were. `max_consecutive` skipped steps in a row raise `NonFiniteError`, which the entry point
-turns into exit status `NONFINITE_EXIT_CODE`; no checkpoint is written after a skipped step.
+turns into exit status 3 (`sd3train.runtime.exit_codes.NONFINITE_EXIT_CODE`); no checkpoint is written after a skipped step.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
-
-NONFINITE_EXIT_CODE = 3
 
 
 class NonFiniteError(RuntimeError):

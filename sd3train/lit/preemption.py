@@ -1,15 +1,19 @@
-"""Stop for preemption at a step boundary, with a checkpoint every rank wrote at the same step.
+"""Stop for preemption at a step boundary, with a checkpoint every rank wrote at the same step,
+then requeue the job.
 
 The signal reaches each rank on its own and at its own moment (sd3train/runtime/preemption.py
 records it). After every optimizer step the ranks reduce "has any of us been asked to stop?"; the
 answer is the same on all of them, so they all save `checkpoints/step-N/` for the same N (the
 collective AtomicCheckpoint save) and stop there. Nothing is trained after the checkpoint, so the
-requeued job, resuming from it, trains (and logs) every later step exactly once.
+requeued job, resuming from it, trains (and logs) every later step exactly once. Once `fit` has
+returned, `requeue_after_preemption` closes the W&B run and rank 0 requeues the SLURM job.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Optional
 
 import lightning as L
@@ -17,6 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from sd3train.lit.checkpointing import AtomicCheckpoint
 from sd3train.runtime import preemption
+from sd3train.runtime.exit_codes import FINISHED, PREEMPTED_EXIT_CODE
 
 
 class StopOnPreemption(L.Callback):
@@ -81,3 +86,52 @@ def _validation_due(trainer) -> bool:
     if not isinstance(every, int) or every <= 0:
         return False
     return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
+
+
+def _global_rank() -> int:
+    """This process's rank once `fit` has returned: from the process group while there is one,
+    else (a strategy that destroys it at teardown, CPU DeepSpeed) from the launcher's variables."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
+def requeue_after_preemption(step: int) -> int:
+    """After the stop checkpoint at `step`: close the W&B run, wait for every rank, then rank 0
+    requeues the SLURM job (which ends every task). Exit status 0 when requeued, else
+    PREEMPTED_EXIT_CODE, the same on every rank."""
+    import torch.distributed as dist
+
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()  # flushed now: SLURM's SIGTERM follows the requeue
+    except ImportError:
+        pass
+    except Exception as error:  # noqa: BLE001  (an upload failing must not keep the job from its requeue)
+        print(f"sd3train-train: closing the W&B run failed ({type(error).__name__}: {error}); requeueing anyway",
+              file=sys.stderr, flush=True)
+    # SIGTERM, which the requeue makes SLURM send to every task, is ignored since the stop
+    # (StopOnPreemption): each task still says what happened and exits with its status.
+    grouped = dist.is_available() and dist.is_initialized()
+    if grouped:
+        dist.barrier()
+    status = FINISHED
+    if _global_rank() == 0:
+        requeued, message = preemption.requeue()
+        if requeued:
+            print(f"sd3train-train: stopped for preemption at step {step} (checkpoint saved); {message}", flush=True)
+        else:
+            print(f"sd3train-train: stopped for preemption at step {step} (checkpoint saved) but {message}; run "
+                  "the same command again to continue from it (trainer.resume=auto)", file=sys.stderr, flush=True)
+            status = PREEMPTED_EXIT_CODE
+    if grouped:
+        # The other ranks stay until rank 0 has requeued: under `srun --kill-on-bad-exit` one of
+        # them failing on its way out would otherwise kill rank 0 before the requeue.
+        answer = [status]
+        dist.broadcast_object_list(answer, src=0)
+        status = answer[0]
+    return status

@@ -224,13 +224,9 @@ class MMDiT(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> "MMDiT":
-        """Build from a `sd3train.config.schema.ModelConfig` (or anything with its fields); with
-        `cfg.weights`, holding those weights (any layout `sd3train.checkpoint.load_transformer`
-        reads), built without random init."""
-        if getattr(cfg, "weights", None) is not None:
-            from sd3train.checkpoint.pretrained import pretrained_mmdit  # the checkpoint package builds on this one
-
-            return pretrained_mmdit(cfg)
+        """The architecture a `sd3train.config.schema.ModelConfig` (or anything with its fields)
+        describes, randomly initialised; `cfg.weights` is not read (`mmdit_from_config` in
+        sd3train/checkpoint/components.py loads it)."""
         return cls(
             depth=cfg.depth,
             hidden_size=cfg.hidden_size,

@@ -10,38 +10,33 @@ projected end-token states; T5 gives its last hidden state. No attention masks, 
 Training drops each encoder independently (p = 0.464 each): its slice of the context and its
 pooled part become exact zeros.
 
-    from sd3train.config.schema import TextConfig
-    conditioner = TextConditioner.from_config(text_cfg)        # frozen, eval mode
+    from sd3train.checkpoint.components import text_conditioner_from_config
+    conditioner = text_conditioner_from_config(text_cfg)       # frozen, eval mode; weights the config names
+    conditioner = TextConditioner.from_config(text_cfg, clip_tokenizer, t5_tokenizer)   # random init only
     context, pooled = conditioner.encode(["a red circle on a white background"])
     context, pooled = conditioner(prompts, generator=torch.Generator().manual_seed(step))  # dropout
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5EncoderModel,
+)
 
 from sd3train.config.schema import CLIPEncoderConfig, T5EncoderConfig, TextConfig
-from sd3train.model.tokenizers import (
-    CLIP_BOS_ID,
-    CLIP_EOS_ID,
-    CLIP_VOCAB_SIZE,
-    PromptTokenizer,
-    load_clip_tokenizer,
-    load_t5_tokenizer,
-)
-from sd3train.paths import REPO_ROOT
+from sd3train.model.tokenizers import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, PromptTokenizer
 from sd3train.runtime.rng import derive_seed
 
 ENCODER_NAMES = ("clip_l", "clip_g", "t5")  # order of the columns of a keep mask
 # Real CLIP checkpoints have 77 positions; the table stays that size when prompts are shorter.
 CLIP_MAX_POSITIONS = 77
-# Subfolders of a diffusers SD3 pipeline folder holding each encoder.
-DIFFUSERS_SUBFOLDERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
 _T5_VOCAB_MULTIPLE = 128  # T5 rounds its embedding rows up (32,100 tokens -> 32,128 rows)
 
 
@@ -93,47 +88,29 @@ def _random_init(model_class: type[nn.Module], config, seed: int) -> nn.Module:
         return model_class(config)
 
 
-def weight_sources(cfg: TextConfig) -> dict[str, str]:
-    """Where each encoder's weights come from: its own `<name>_weights`, else `weights` (a pipeline
-    folder or single file); encoders missing here are randomly initialised."""
-    return {name: path for name in ENCODER_NAMES if (path := getattr(cfg, f"{name}_weights") or cfg.weights)}
+def random_encoder(cfg: TextConfig, name: str, num_t5_tokens: int) -> nn.Module:
+    """The `name` encoder ("clip_l", "clip_g" or "t5") `cfg` describes, randomly initialised from
+    `cfg.init_seed`; `num_t5_tokens` (the T5 tokenizer's size) sets T5's embedding rows."""
+    seed = _encoder_seed(cfg.init_seed, name)
+    if name == "t5":
+        return _random_init(T5EncoderModel, t5_encoder_config(cfg.t5, num_t5_tokens), seed)
+    return _random_init(CLIPTextModelWithProjection, clip_text_config(getattr(cfg, name)), seed)
 
 
-def _check_pipeline_folder(folder: Path, names: list[str]) -> None:
-    """`text.weights` as a folder must hold the subfolders of the encoders it is to provide."""
-    if not folder.is_dir():
-        return  # a single file: the loader names what is missing in it
-    missing = [DIFFUSERS_SUBFOLDERS[name] for name in names if not (folder / DIFFUSERS_SUBFOLDERS[name] / "config.json").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"text.weights={str(folder)!r} must be a diffusers SD3 pipeline folder; missing "
-            + ", ".join(f"{sub}/config.json" for sub in missing)
-        )
-
-
-def _check_loaded_sizes(cfg: TextConfig, encoders: dict[str, nn.Module], sources: dict[str, Path], num_t5_tokens: int) -> None:
-    """Loaded encoders (`sources`: name -> where from) must have the sizes the config promises (the
-    MM-DiT is built from them) and a T5 embedding table that covers every id of the T5 tokenizer."""
-    expected = {
-        "clip_l": {"hidden_size": cfg.clip_l.hidden_size, "num_hidden_layers": cfg.clip_l.num_layers,
-                   "projection_dim": cfg.clip_l.projection_dim},
-        "clip_g": {"hidden_size": cfg.clip_g.hidden_size, "num_hidden_layers": cfg.clip_g.num_layers,
-                   "projection_dim": cfg.clip_g.projection_dim},
-        "t5": {"d_model": cfg.t5.d_model, "num_layers": cfg.t5.num_layers},
+def prompt_tokenizers(
+    cfg: TextConfig, clip_tokenizer: PreTrainedTokenizerBase, t5_tokenizer: PreTrainedTokenizerBase
+) -> dict[str, PromptTokenizer]:
+    """Each encoder's `PromptTokenizer`: the lengths and CLIP padding `cfg` asks for."""
+    return {
+        "clip_l": PromptTokenizer.clip(clip_tokenizer, cfg.clip_l.max_length, cfg.clip_l.pad_with_end),
+        "clip_g": PromptTokenizer.clip(clip_tokenizer, cfg.clip_g.max_length, cfg.clip_g.pad_with_end),
+        "t5": PromptTokenizer.t5(t5_tokenizer, cfg.t5.max_length),
     }
-    problems = [
-        f"{name}.{key}: config {value}, {sources[name]} has {getattr(encoders[name].config, key)}"
-        for name, source in sources.items()
-        for key, value in expected[name].items()
-        if getattr(encoders[name].config, key) != value
-    ]
-    if "t5" in sources and encoders["t5"].config.vocab_size < num_t5_tokens:
-        problems.append(
-            f"t5: the tokenizer ({cfg.t5_tokenizer}) has {num_t5_tokens} tokens, more than the "
-            f"{encoders['t5'].config.vocab_size} embedding rows in {sources['t5']}"
-        )
-    if problems:
-        raise ValueError("text encoder weights do not match the text config:\n  " + "\n  ".join(problems))
+
+
+def configured_dropout(cfg: TextConfig) -> tuple[float, float, float]:
+    """The per-encoder dropout probabilities, in `ENCODER_NAMES` order."""
+    return cfg.dropout_clip_l, cfg.dropout_clip_g, cfg.dropout_t5
 
 
 def sample_keep_mask(
@@ -191,43 +168,18 @@ class TextConditioner(nn.Module):
 
     @classmethod
     def from_config(
-        cls, cfg: TextConfig, repo_root: Path | None = None, dtype: torch.dtype = torch.float32
+        cls,
+        cfg: TextConfig,
+        clip_tokenizer: PreTrainedTokenizerBase,
+        t5_tokenizer: PreTrainedTokenizerBase,
+        dtype: torch.dtype = torch.float32,
     ) -> "TextConditioner":
-        """Tokenizers from the config's folders (relative to the repo root); each encoder from its
-        `cfg.<name>_weights`, else from `cfg.weights` (a diffusers SD3 pipeline folder or a single
-        file with `text_encoders.*`), else randomly initialised from `cfg.init_seed`. Weights load in
-        any layout `sd3train.checkpoint.encoder_files.load_text_encoder` reads (OpenCLIP bigG too)."""
-        root = Path(repo_root) if repo_root is not None else REPO_ROOT
-
-        def resolve(path: str) -> Path:
-            return Path(path) if Path(path).is_absolute() else root / path
-
-        clip_tokenizer = load_clip_tokenizer(resolve(cfg.clip_tokenizer) if cfg.clip_tokenizer else None)
-        t5_tokenizer = load_t5_tokenizer(resolve(cfg.t5_tokenizer))
-        tokenizers = {
-            "clip_l": PromptTokenizer.clip(clip_tokenizer, cfg.clip_l.max_length, cfg.clip_l.pad_with_end),
-            "clip_g": PromptTokenizer.clip(clip_tokenizer, cfg.clip_g.max_length, cfg.clip_g.pad_with_end),
-            "t5": PromptTokenizer.t5(t5_tokenizer, cfg.t5.max_length),
-        }
-        sources = {name: resolve(path) for name, path in weight_sources(cfg).items()}
-        if cfg.weights:
-            _check_pipeline_folder(resolve(cfg.weights), [name for name in sources if not getattr(cfg, f"{name}_weights")])
-        configs = {
-            "clip_l": (CLIPTextModelWithProjection, clip_text_config(cfg.clip_l)),
-            "clip_g": (CLIPTextModelWithProjection, clip_text_config(cfg.clip_g)),
-            "t5": (T5EncoderModel, t5_encoder_config(cfg.t5, len(t5_tokenizer))),
-        }
-        encoders = {}
-        for name, (model_class, config) in configs.items():
-            if name in sources:
-                from sd3train.checkpoint.encoder_files import load_text_encoder  # builds on this package
-
-                encoders[name] = load_text_encoder(sources[name], name, dtype)
-            else:
-                encoders[name] = _random_init(model_class, config, _encoder_seed(cfg.init_seed, name)).to(dtype)
-        _check_loaded_sizes(cfg, encoders, sources, len(t5_tokenizer))
-        dropout = (cfg.dropout_clip_l, cfg.dropout_clip_g, cfg.dropout_t5)
-        return cls(encoders["clip_l"], encoders["clip_g"], encoders["t5"], tokenizers, dropout)
+        """The encoders `cfg` describes, randomly initialised from `cfg.init_seed` (the same seed gives
+        the same weights in any process), with the given tokenizers. `cfg.*weights` are not read:
+        `sd3train.checkpoint.components.text_conditioner_from_config` loads them."""
+        tokenizers = prompt_tokenizers(cfg, clip_tokenizer, t5_tokenizer)
+        encoders = [random_encoder(cfg, name, len(t5_tokenizer)).to(dtype) for name in ENCODER_NAMES]
+        return cls(*encoders, tokenizers, configured_dropout(cfg))
 
     def encoders(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.clip_l, self.clip_g, self.t5

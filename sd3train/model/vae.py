@@ -8,27 +8,21 @@ identity key mapping. SD3 drops the 1x1 quant/post-quant convs; `use_quant_conv=
 Latents leave `encode` normalised, `(z - shift_factor) * scaling_factor`, which is what the
 diffusion model sees; `decode` undoes it. `encode_moments` gives the raw posterior for caches.
 
-    from sd3train.config.schema import VAEConfig
-    vae = VAE.from_config(VAEConfig(weights="path/to/vae"))  # or weights=None: random init
+    vae = VAE.from_config(VAEConfig())    # random init; with the weights a config names: vae_from_config
     latents = vae.encode(images)          # (B, 3, H, W) in [-1, 1] -> (B, 16, H/8, W/8)
     images = vae.decode(latents)
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sd3train.config.schema import VAEConfig
-from sd3train.paths import resolve_repo_path
 
 # diffusers builds every norm of the VAE with this epsilon.
 NORM_EPS = 1e-6
-# File names looked for, in order, when `weights` is a folder (diffusers first, then ours).
-WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "vae.safetensors")
 # diffusers clamps log-variance to this range before taking exp.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -238,12 +232,8 @@ class VAE(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: VAEConfig) -> "VAE":
-        """The configured VAE; with `cfg.weights`, frozen and holding them, read from any layout
-        `sd3train.checkpoint.load_vae` knows (built without random init)."""
-        if cfg.weights is not None:
-            from sd3train.checkpoint.pretrained import pretrained_vae  # the checkpoint package builds on this one
-
-            return pretrained_vae(cfg)
+        """The configured VAE, randomly initialised; `cfg.weights` is not read (`vae_from_config` in
+        sd3train/checkpoint/components.py loads it)."""
         return cls(
             latent_channels=cfg.latent_channels,
             in_channels=cfg.in_channels,
@@ -297,17 +287,3 @@ class VAE(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-
-def resolve_weights_file(path: str | Path) -> Path:
-    """A safetensors file, or the first known weight file in a folder (or in its `vae/` subfolder,
-    a diffusers pipeline root). Relative paths are taken from the repository root."""
-    path = resolve_repo_path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for folder in (path, path / "vae"):
-            for name in WEIGHT_FILE_NAMES:
-                if (folder / name).is_file():
-                    return folder / name
-        raise FileNotFoundError(f"no VAE weights in {path}: looked for {', '.join(WEIGHT_FILE_NAMES)} (and under vae/)")
-    raise FileNotFoundError(f"VAE weights {path} do not exist")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from sd3train.checkpoint.components import vae_from_config
 from sd3train.config.schema import VAEConfig
 from sd3train.data.shapes import image_to_array, make_sample, parse_caption
 from sd3train.eval.colour import dominant_colour
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     # Judge the files as written, loaded the way training will load them.
-    shipped = VAE.from_config(VAEConfig(**{**asdict(cfg), "weights": str(weights_file.resolve())})).eval()
+    shipped = vae_from_config(VAEConfig(**{**asdict(cfg), "weights": str(weights_file.resolve())}))
     quality = evaluate(shipped, args.eval_images)
     # Sampled latents are what training sees; the decoder should not care about the posterior noise.
     quality_sampled = evaluate(shipped, args.eval_images, sample=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from sd3train.data.shapes import make_sample
-from sd3train.data.shards import read_manifest, verify_shards, write_shards
+from sd3train.data.tar_writer import read_manifest, verify_shards, write_shards
 
 # Validation samples come from another base seed: the same indices give different images.
 VAL_SEED_OFFSET = 1_000_000

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = write_tokenizer(args.out, args.vocab_size, args.seed)
 
-    from sd3train.model.tokenizers import load_t5_tokenizer
+    from sd3train.checkpoint.tokenizer_files import load_t5_tokenizer
 
     tokenizer = load_t5_tokenizer(out)
     print(f"wrote {out}: {len(tokenizer)} tokens, {(out / 'spiece.model').stat().st_size} bytes")

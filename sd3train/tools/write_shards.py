@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from sd3train.data.shards import EncodedImage, ShardSample, check_sidecar_ext, write_shards
+from sd3train.data.tar_writer import EncodedImage, ShardSample, check_sidecar_ext, write_shards
 from sd3train.tools.shard_inputs import (  # noqa: F401 (UsageError etc. are part of this tool's interface)
     IMAGE_SUFFIXES,
     TABLE_SUFFIXES,

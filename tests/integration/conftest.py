@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sd3train.tools.make_shapes import build_shapes
-from testing_helpers import REPO
+from tests.support.config import REPO
 
 
 @pytest.fixture(scope="session")

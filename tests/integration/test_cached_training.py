@@ -15,14 +15,14 @@ import torch
 
 from sd3train.curation.precompute import main as precompute
 from sd3train.data.datamodule import ShardDataModule
-from sd3train.data.shards import EncodedImage, ShardSample, write_shards
 from sd3train.data.tar_reader import RawSample, read_shard
+from sd3train.data.tar_writer import EncodedImage, ShardSample, write_shards
 from sd3train.diffusion.timesteps import sample_timesteps
 from sd3train.lit.module import SD3LitModule
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.runtime.rng import step_generator
 from sd3train.tools.make_shapes import build_shapes
-from testing_helpers import tiny_config
+from tests.support.config import tiny_config
 
 TRAIN = "train-{000000..000003}.tar"
 SMALL = ("data.resolution=32", "model.depth=1", "data.batch_size=8", "data.synthetic_caption_key=syn.txt")

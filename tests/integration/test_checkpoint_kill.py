@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sd3train.lit.checkpointing import complete_checkpoints, latest_complete_checkpoint
+from sd3train.checkpoint.step_dirs import complete_checkpoints, latest_complete_checkpoint
 
 BIN = Path(sys.executable).parent
 # The tiny model on the repo's shapes, no latent cache or validation: a few seconds per process.
@@ -37,10 +37,10 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_and_the_reru
     run_dir = tmp_path / "runs" / "tiny_cpu" / "main"
     checkpoints = run_dir / "checkpoints"
     staged = checkpoints / ".staging-step-0000004" / "checkpoint.ckpt"
-    # The delay holds every checkpoint but a process's first between checkpoint.ckpt and its marker:
-    # step 2 is published at once, step 4 waits there for the kill.
+    # PauseBeforePublish holds every checkpoint but a process's first between checkpoint.ckpt and its
+    # marker: step 2 is published at once, step 4 waits there for the kill.
     with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen([str(BIN / "sd3train-train"), *FAST, "trainer.debug_checkpoint_delay_s=60"],
+        process = subprocess.Popen([str(BIN / "sd3train-train"), *FAST, "trainer.callbacks=[tests.support.faults.PauseBeforePublish]"],
                                    cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # its own process group: kill it and its children
         try:

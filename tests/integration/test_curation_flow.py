@@ -12,17 +12,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from dedup_shards import write_planted_shards
-from hydra import compose, initialize_config_dir
-from testing_helpers import one_epoch_keys
-from tiny_vlm import save_tiny_vlm
-
-from sd3train.config.validate import load_config
 from sd3train.data.datamodule import ShardDataModule
 from sd3train.data.skips import load_blocklist
+from tests.support.config import compose_config
+from tests.support.datamodules import one_epoch_keys
+from tests.support.dedup_shards import write_planted_shards
+from tests.support.tiny_vlm import save_tiny_vlm
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 
 
@@ -30,11 +27,6 @@ def run(tool: str, *args: str, cwd: Path) -> str:
     result = subprocess.run([str(BIN / tool), *args], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, f"{tool}: {(result.stdout + result.stderr)[-4000:]}"
     return result.stdout + result.stderr
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return load_config(compose(config_name="config", overrides=list(overrides)))
 
 
 def test_dedup_caption_precompute_then_train_on_the_cache_without_the_duplicates(tmp_path):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 
-from photo_shards import write_photo_shards
 from sd3train.train import fit
-from testing_helpers import tiny_config
+from tests.support.config import tiny_config
+from tests.support.photo_shards import write_photo_shards
 
 
 class RecordKeys(L.Callback):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sd3train.checkpoint import load_text_conditioner, load_transformer
-from testing_helpers import write_training_checkpoint
+from tests.support.checkpoints import write_training_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 # Each test starts the console script (a fresh interpreter importing torch and transformers): 8-12 s.

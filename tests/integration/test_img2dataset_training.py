@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from photo_shards import jpeg_bytes, photo_samples
 from sd3train.config.overrides import normalise_overrides
-from sd3train.data.shards import EncodedImage, write_shards
 from sd3train.data.skips import REASONS
-from testing_helpers import tiny_config
+from sd3train.data.tar_writer import EncodedImage, write_shards
+from tests.support.config import tiny_config
+from tests.support.photo_shards import jpeg_bytes, photo_samples
 
 BIN = Path(sys.executable).parent
 SAMPLES_PER_SHARD = 10

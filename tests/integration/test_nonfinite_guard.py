@@ -1,4 +1,4 @@
-"""A NaN loss at a chosen step (trainer.debug_nan_loss_steps) is skipped without touching the weights or
+"""A NaN loss at a chosen step (the NanLossAt fault) is skipped without touching the weights or
 the EMA; K in a row stop the run with the documented exit status and no new checkpoint."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import csv
 import lightning as L
 import torch
 
-from sd3train.lit.nonfinite import NONFINITE_EXIT_CODE
-from sd3train.train import run_guarded
-from testing_helpers import tiny_config
+from sd3train.runtime.exit_codes import NONFINITE_EXIT_CODE
+from sd3train.train import run_to_end
+from tests.support.config import tiny_config
+from tests.support.faults import NanLossAt
 
 
 class RecordWeights(L.Callback):
@@ -41,10 +42,10 @@ def _same(first: dict, second: dict) -> bool:
 
 def test_one_nan_step_changes_neither_weights_nor_ema(small_shapes, tmp_path):
     recorder = RecordWeights()
-    cfg = _config(small_shapes, tmp_path, "trainer.max_steps=5", "trainer.debug_nan_loss_steps=[3]")
+    cfg = _config(small_shapes, tmp_path, "trainer.max_steps=5")
     from sd3train.train import fit, run_dir_of
 
-    fit(cfg, extra_callbacks=(recorder,))
+    fit(cfg, extra_callbacks=(NanLossAt({3}), recorder))
     weights_after = {step - 1: state for step, state in recorder.before.items()}  # state after step s
     assert _same(weights_after[3][0], weights_after[2][0]) and _same(weights_after[3][1], weights_after[2][1])
     assert not _same(weights_after[2][0], weights_after[1][0])  # control: normal steps move the weights
@@ -58,10 +59,9 @@ def test_one_nan_step_changes_neither_weights_nor_ema(small_shapes, tmp_path):
 
 
 def test_k_consecutive_nan_steps_stop_with_the_exit_code_and_no_checkpoint(small_shapes, tmp_path):
-    cfg = _config(small_shapes, tmp_path, "trainer.max_steps=8", "trainer.debug_nan_loss_steps=[3,4,5]",
-                  "trainer.max_nonfinite_steps=3")
+    cfg = _config(small_shapes, tmp_path, "trainer.max_steps=8", "trainer.max_nonfinite_steps=3")
     from sd3train.train import run_dir_of
 
-    assert run_guarded(cfg) == NONFINITE_EXIT_CODE
+    assert run_to_end(cfg, extra_callbacks=(NanLossAt({3, 4, 5}),))[0] == NONFINITE_EXIT_CODE
     steps = sorted(int(path.name.split("-")[1]) for path in (run_dir_of(cfg) / "checkpoints").glob("step-*"))
     assert steps == [1, 2]

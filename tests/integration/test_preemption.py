@@ -11,10 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from process_runs import BIN, finish, launch
-
-from sd3train.lit.checkpointing import latest_complete_checkpoint, read_marker
-from sd3train.train import PREEMPTED_EXIT_CODE
+from sd3train.checkpoint.step_dirs import latest_complete_checkpoint, read_marker
+from sd3train.runtime.exit_codes import PREEMPTED_EXIT_CODE
+from tests.support.processes import BIN, finish, launch
 
 MAX_STEPS = 10
 
@@ -33,7 +32,7 @@ def test_usr1_to_rank_zero_stops_both_ranks_at_one_checkpoint_and_the_rerun_fini
         "eval.prompts=[a red circle]", "eval.num_colour_prompts=0", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
         "trainer.checkpoint_every_n_steps=1000", "logger.wandb=true", f"paths.runs_dir={tmp_path / 'runs'}",
     ]
-    first = launch([*command, "trainer.debug_step_delay_s=0.4"], cwd=tmp_path)
+    first = launch([*command, "trainer.callbacks=[tests.support.faults.slow_steps_400ms]"], cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
         while not ((run_dir / "metrics.csv").is_file() and len(logged_steps(run_dir / "metrics.csv")) >= 2):

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import subprocess
 
-from slurm_jobs import BIN, SLURM_ENV, job_field, requires_slurm, submit, wait_for
-
-from sd3train.data.shards import sha256_file
+from sd3train.data.tar_writer import sha256_file
 from sd3train.tools.make_shapes import build_shapes
+from tests.support.slurm_jobs import BIN, SLURM_ENV, job_field, requires_slurm, submit, wait_for
 
 pytestmark = requires_slurm()
 

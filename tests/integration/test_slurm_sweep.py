@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 
 from omegaconf import OmegaConf
-from slurm_jobs import BIN, SLURM_ENV, requires_slurm
+
+from tests.support.slurm_jobs import BIN, SLURM_ENV, requires_slurm
 
 pytestmark = requires_slurm()
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-
-from slurm_jobs import job_field, requires_slurm, submit, wait_for
+from tests.support.slurm_jobs import job_field, requires_slurm, submit, wait_for
 
 pytestmark = requires_slurm()
 
@@ -65,7 +64,7 @@ def test_usr1_checkpoints_on_all_ranks_requeues_and_trains_each_step_once(small_
     job = submit(tiny_job(
         tmp_path, f"trainer.max_steps={max_steps}", "strategy=zero2", "trainer.log_every_n_steps=1",
         # No scheduled checkpoint before the end: the one resumed from is the preemption's.
-        "trainer.checkpoint_every_n_steps=1000", "trainer.debug_step_delay_s=0.4",
+        "trainer.checkpoint_every_n_steps=1000", "trainer.callbacks=[tests.support.faults.slow_steps_400ms]",
         "logger.wandb=true", shapes=small_shapes,
     ), cwd=tmp_path)
     deadline = time.monotonic() + 180
@@ -103,7 +102,7 @@ def test_time_limit_signal_lead_preempts_and_the_requeued_job_finishes(small_sha
     max_steps = 120
     run_dir = tmp_path / "runs" / "tiny_cpu" / "main"
     job = submit([*tiny_job(tmp_path, f"trainer.max_steps={max_steps}", "trainer.log_every_n_steps=1",
-                            "trainer.checkpoint_every_n_steps=1000", "trainer.debug_step_delay_s=0.5",
+                            "trainer.checkpoint_every_n_steps=1000", "trainer.callbacks=[tests.support.faults.slow_steps_500ms]",
                             "logger.wandb=true", shapes=small_shapes, time_limit="00:02:00"),
                   "--signal-lead", "60"], cwd=tmp_path)
     wait_for(job, timeout=900)

@@ -7,8 +7,7 @@ import torch
 
 from sd3train.data.datamodule import ShardDataModule
 from sd3train.lit.module import SD3LitModule
-
-from testing_helpers import tiny_config
+from tests.support.config import tiny_config
 
 
 def fixed_loss(module: SD3LitModule, batch: dict) -> float:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from process_runs import BIN, finish, launch
 from sd3train.checkpoint.files import read_lightning_checkpoint
+from tests.support.processes import BIN, finish, launch
 
 STEPS, KILL_AFTER = 6, 4
 FAST = ["experiment=tiny_cpu", "trainer.devices=2", "model.depth=1", "data.batch_size=4", f"trainer.max_steps={STEPS}",
@@ -73,7 +73,7 @@ def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(small_shapes, t
         (run_dir(folder) / "checkpoints" / "last").symlink_to(f"step-{KILL_AFTER:07d}")
     output = finish(start(small_shapes, resumed, strategy))
     assert f"step-{KILL_AFTER:07d}" in output  # it resumed, from the checkpoint before the kill
-    finish(start(small_shapes, control, strategy, "trainer.debug_reseed_on_resume=true"))
+    finish(start(small_shapes, control, strategy, "trainer.callbacks=[tests.support.faults.ReseedOnResume]"))
 
     reference = losses(straight)
     assert sorted(reference) == list(range(STEPS))

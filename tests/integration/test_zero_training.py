@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from process_runs import BIN, finish, launch
 from sd3train.checkpoint.files import read_lightning_checkpoint
-from sd3train.lit.checkpointing import latest_complete_checkpoint
+from sd3train.checkpoint.step_dirs import latest_complete_checkpoint
+from tests.support.processes import BIN, finish, launch
 
 STEPS = 4
 FAST = ["experiment=tiny_cpu", "trainer.devices=2", "model.depth=1", "data.batch_size=4", f"trainer.max_steps={STEPS}",

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import sd3train.train as train_module
+from sd3train.lit.trainer import srun_tasks
+from sd3train.paths import sweep_run_name
 
 
 @pytest.mark.parametrize("job_name", ["sd3train", "bash", "interactive"])
@@ -14,7 +15,7 @@ def test_an_srun_task_per_rank_takes_rank_and_world_from_slurm_whatever_the_job_
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
     monkeypatch.setenv("SLURM_STEP_ID", "0")
-    assert train_module.srun_tasks(world_size=2)
+    assert srun_tasks(world_size=2)
 
 
 def test_an_interactive_shell_with_one_task_for_two_devices_is_left_to_lightning(monkeypatch):
@@ -22,17 +23,17 @@ def test_an_interactive_shell_with_one_task_for_two_devices_is_left_to_lightning
     monkeypatch.setenv("SLURM_JOB_NAME", "bash")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_STEP_ID", "0")
-    assert not train_module.srun_tasks(world_size=2)
+    assert not srun_tasks(world_size=2)
 
 
 def test_outside_slurm_nothing_is_taken_from_it(monkeypatch):
     for name in ("SLURM_JOB_NAME", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_NTASKS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
-    assert not train_module.srun_tasks(world_size=1)
+    assert not srun_tasks(world_size=1)
 
 
 def test_a_sweep_jobs_run_name_is_stable_for_its_overrides_and_differs_for_others():
-    name = train_module.sweep_run_name("main", 0, ["optim.lr=1e-4", "experiment=x"])
+    name = sweep_run_name("main", 0, ["optim.lr=1e-4", "experiment=x"])
     assert name.startswith("main-0-") and len(name) == len("main-0-") + 8
-    assert train_module.sweep_run_name("main", 0, ["experiment=x", "optim.lr=1e-4"]) == name  # a requeue: same run
-    assert train_module.sweep_run_name("main", 0, ["optim.lr=3e-4", "experiment=x"]) != name  # another sweep's job 0
+    assert sweep_run_name("main", 0, ["experiment=x", "optim.lr=1e-4"]) == name  # a requeue: same run
+    assert sweep_run_name("main", 0, ["optim.lr=3e-4", "experiment=x"]) != name  # another sweep's job 0

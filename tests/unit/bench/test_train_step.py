@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from reference_models import perturb, relative_error
 from sd3train.bench import train_step
 from sd3train.config.typed import ConfigError
+from tests.support.reference_models import perturb, relative_error
 
 diffusers = pytest.importorskip("diffusers")
 

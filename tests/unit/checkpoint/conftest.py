@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from reference_models import tiny_sd3_pipeline
-from testing_helpers import write_training_checkpoint
+from tests.support.checkpoints import write_training_checkpoint
+from tests.support.reference_models import tiny_sd3_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -27,5 +27,5 @@ def tiny_pipeline_folder(tiny_pipeline, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def training_checkpoint(tmp_path_factory) -> Path:
-    """A tiny .ckpt from sd3train-train's code path (see testing_helpers.write_training_checkpoint)."""
+    """A tiny .ckpt from sd3train-train's code path (see tests/support/config.write_training_checkpoint)."""
     return write_training_checkpoint(tmp_path_factory.mktemp("run"))

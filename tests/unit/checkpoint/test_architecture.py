@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 import torch
 
-from reference_models import text_config
 from sd3train.checkpoint.architecture import (
     clip_config_from_weights,
     mmdit_config_from_diffusers,
@@ -14,13 +13,14 @@ from sd3train.checkpoint.architecture import (
     t5_config_from_weights,
     vae_config_from_weights,
 )
+from sd3train.checkpoint.components import text_conditioner_from_config
 from sd3train.checkpoint.errors import CheckpointError
 from sd3train.checkpoint.export_diffusers import transformer_config
 from sd3train.config.schema import ModelConfig, VAEConfig
 from sd3train.model.embeddings import sincos_2d_table
 from sd3train.model.mmdit import MMDiT
-from sd3train.model.text_encoders import TextConditioner
 from sd3train.model.vae import VAE
+from tests.support.reference_models import text_config
 
 # Shapes of SD3-Medium, SD3.5-Large and SD3.5-Medium (MMDiT-X) at head dim 64, built on meta.
 CONFIGS = [
@@ -68,7 +68,7 @@ def test_vae_config_from_weights():
 
 
 def test_text_encoder_configs_from_weights():
-    text = TextConditioner.from_config(text_config("tiny"))
+    text = text_conditioner_from_config(text_config("tiny"))
     with pytest.raises(CheckpointError, match="width 32 is not a multiple of 64"):  # heads need a config
         clip_config_from_weights(text.clip_l.state_dict(), "test", "clip_l")
     for name in ("clip_l", "clip_g"):

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from reference_models import perturb, relative_error
 from sd3train.checkpoint.encoder_files import load_text_encoder
 from sd3train.checkpoint.errors import CheckpointError
 from sd3train.checkpoint.formats import TEXT_PREFIXES
 from sd3train.model.tokenizers import CLIP_BOS_ID, CLIP_EOS_ID
+from tests.support.reference_models import perturb, relative_error
 
 open_clip = pytest.importorskip("open_clip")
 

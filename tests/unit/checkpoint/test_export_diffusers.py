@@ -9,12 +9,12 @@ import stat
 import pytest
 import torch
 
-from reference_models import relative_error
 from sd3train.checkpoint import load_text_conditioner, load_transformer, load_vae
 from sd3train.checkpoint.files import safetensors_header
 from sd3train.config.schema import SamplerConfig
 from sd3train.export import main as export_main
 from sd3train.inference import generate_latents, initial_noise
+from tests.support.reference_models import relative_error
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from reference_models import perturb, relative_error
 from sd3train.checkpoint import load_text_conditioner, load_transformer, load_vae
 from sd3train.checkpoint.architecture import mmdit_config_of, vae_config_of
 from sd3train.checkpoint.export_diffusers import transformer_config, vae_config
@@ -15,6 +14,7 @@ from sd3train.checkpoint.export_single_file import export_single_file
 from sd3train.checkpoint.files import write_json
 from sd3train.model.mmdit import MMDiT
 from sd3train.model.vae import VAE
+from tests.support.reference_models import perturb, relative_error
 
 diffusers = pytest.importorskip("diffusers")
 

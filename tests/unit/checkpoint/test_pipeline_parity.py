@@ -7,10 +7,10 @@ Same initial noise, prompts, steps, CFG scale and shift 3; the pipeline encodes 
 import pytest
 import torch
 
-from reference_models import relative_error
 from sd3train.checkpoint import load_text_conditioner, load_transformer, load_vae
 from sd3train.config.schema import SamplerConfig
 from sd3train.inference import generate_latents, initial_noise
+from tests.support.reference_models import relative_error
 
 pytest.importorskip("diffusers")
 

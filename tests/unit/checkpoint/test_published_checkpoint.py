@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from sd3train.checkpoint.errors import CheckpointError
-from sd3train.checkpoint.files import read_lightning_checkpoint, training_checkpoint_file
+from sd3train.checkpoint.files import read_lightning_checkpoint
 from sd3train.checkpoint.formats import LIGHTNING, detect
+from sd3train.checkpoint.step_dirs import training_checkpoint_file
 from sd3train.sample import default_out_dir
 
 

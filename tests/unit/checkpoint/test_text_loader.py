@@ -2,9 +2,9 @@
 
 import torch
 
-from reference_models import reference_sd3_layout
 from sd3train.checkpoint import load_text_conditioner
 from sd3train.model.text_encoders import TextConditioner
+from tests.support.reference_models import reference_sd3_layout
 
 PROMPTS = ["a red circle on a white background", "a very long caption that certainly runs past sixteen tokens", ""]
 

@@ -5,11 +5,11 @@ import functools
 import pytest
 import torch
 
-from reference_models import MMDIT_LATENT_SIZES as LATENT_SIZES
-from reference_models import MMDIT_VARIANTS, diffusers_transformer, relative_error
-from reference_models import mmdit_inputs as inputs
 from sd3train.checkpoint import load_transformer
 from sd3train.model.mmdit import MMDiT
+from tests.support.reference_models import MMDIT_LATENT_SIZES as LATENT_SIZES
+from tests.support.reference_models import MMDIT_VARIANTS, diffusers_transformer, relative_error
+from tests.support.reference_models import mmdit_inputs as inputs
 
 diffusers = pytest.importorskip("diffusers")
 

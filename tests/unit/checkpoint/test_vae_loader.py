@@ -4,11 +4,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reference_models import SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR, VAE_SIZES, diffusers_vae, relative_error
 from sd3train.checkpoint import load_vae
+from sd3train.checkpoint.components import vae_from_config
 from sd3train.checkpoint.vae_ldm import diffusers_to_ldm, ldm_to_diffusers
 from sd3train.config.schema import VAEConfig
 from sd3train.model.vae import VAE
+from tests.support.reference_models import (
+    SD3_SCALING_FACTOR,
+    SD3_SHIFT_FACTOR,
+    VAE_SIZES,
+    diffusers_vae,
+    relative_error,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -70,7 +77,7 @@ def test_bare_file_in_ldm_names_loads_with_sd3_defaults(tmp_path):
 
 def test_shipped_tiny_vae_folder_and_file_agree():
     folder_vae = load_vae("data/vae_tiny")
-    reference = VAE.from_config(VAEConfig(block_out_channels=[16, 32, 64, 64], layers_per_block=1, norm_num_groups=8,
+    reference = vae_from_config(VAEConfig(block_out_channels=[16, 32, 64, 64], layers_per_block=1, norm_num_groups=8,
                                           weights="data/vae_tiny/vae.safetensors"))
     assert folder_vae.scaling_factor == pytest.approx(0.605499)
     expected = load_file("data/vae_tiny/vae.safetensors")

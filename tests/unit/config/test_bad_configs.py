@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from sd3train.config.typed import ConfigError
-from sd3train.config.validate import load_config
-from sd3train.train import CONF_DIR
+from tests.support.config import compose_config
 
 BAD = [
     (["model.depth=abc"], ["model.depth: expected int, got str 'abc'"]),
@@ -26,13 +24,18 @@ BAD = [
     (["data.random_flip=true", "data.cache_latents=true"], ["data.cache_latents: a cached posterior would freeze"]),
     (["trainer.max_nonfinite_steps=0"], ["trainer.max_nonfinite_steps: must be >= 1, got 0"]),
     (["data.blocklist=/nowhere/blocklist.txt"], ["data.blocklist: /nowhere/blocklist.txt does not exist"]),
+    (["trainer.callbacks=[no_such_package.Callback]"],
+     ["trainer.callbacks[0]: cannot import 'no_such_package' for 'no_such_package.Callback'"]),
+    (["trainer.callbacks=[tests.support.faults.NoSuchFault,SlowSteps]"],
+     ["trainer.callbacks[0]: module 'tests.support.faults' has no 'NoSuchFault'",
+      "trainer.callbacks[1]: 'SlowSteps' is not a dotted path (package.module.Name)"]),
+    (["trainer.callbacks=[tests.support.faults.time]"],
+     ["trainer.callbacks[0]: 'tests.support.faults.time' is a module, not a class or function"]),
 ]
 
 
 def _load(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return load_config(compose(config_name="config", overrides=["experiment=tiny_cpu", "trainer.accelerator=cpu",
-                                                                     *overrides]))
+    return compose_config("experiment=tiny_cpu", "trainer.accelerator=cpu", *overrides)
 
 
 @pytest.mark.parametrize("overrides, expected", BAD, ids=[" ".join(overrides) for overrides, _ in BAD])

@@ -5,20 +5,16 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from sd3train.config.typed import ConfigError, to_plain
 from sd3train.config.validate import load_config
-
-CONF = Path(__file__).resolve().parents[3] / "conf"
+from tests.support.config import compose_config
 
 
 def finetune_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return load_config(compose(config_name="config", overrides=["experiment=finetune_sd35_medium", *overrides]))
+    return compose_config("experiment=finetune_sd35_medium", *overrides)
 
 
 def test_unset_pretrained_path_is_reported_as_required():

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from sd3train.config.typed import ConfigError
-from sd3train.config.validate import load_config
 from sd3train.model.mmdit import MMDiT
-
-CONF = Path(__file__).resolve().parents[3] / "conf"
+from tests.support.config import compose_config
 
 # (config, depth, qk_norm, dual-attention layers, pos_embed_max_size, parameters, position-table entries).
 # Parameters equal diffusers' SD3Transformer2DModel built from each released transformer/config.json;
@@ -26,9 +23,7 @@ RELEASED = [
 
 
 def compose_model(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        raw = compose(config_name="config", overrides=[f"text.t5_tokenizer={tmp_path}", *overrides])
-    return load_config(raw).model
+    return compose_config(f"text.t5_tokenizer={tmp_path}", *overrides).model
 
 
 def meta_model(model_cfg) -> MMDiT:
@@ -89,8 +84,6 @@ def test_parameter_count_equals_diffusers_for_the_released_config(
     (["model.pos_embed_random_crop=true", "model.pos_embed_crop_region=3"], "smaller than the 4-patch grid"),
 ])
 def test_impossible_crop_region_is_reported(overrides, expected):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        raw = compose(config_name="config", overrides=["experiment=tiny_cpu", *overrides])
     with pytest.raises(ConfigError, match="model.pos_embed_crop_region") as error:
-        load_config(raw)
+        compose_config("experiment=tiny_cpu", *overrides)
     assert expected in str(error.value)

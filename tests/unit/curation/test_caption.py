@@ -11,16 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from photo_shards import photo_samples
 from PIL import Image
-from process_runs import sigkill_while_feeding_fifo
-from tiny_vlm import save_tiny_vlm
 
-from sd3train.curation.atomic import TEMP_MARK
 from sd3train.curation.caption import main
 from sd3train.data.caption_tables import CAPTION_INFO_NAME, read_table
-from sd3train.data.shards import EncodedImage, ShardSample, sha256_file, write_shards
 from sd3train.data.tar_reader import RawSample, read_shard
+from sd3train.data.tar_writer import EncodedImage, ShardSample, sha256_file, write_shards
+from sd3train.durable import TEMP_MARK
+from tests.support.photo_shards import photo_samples
+from tests.support.processes import sigkill_while_feeding_fifo
+from tests.support.tiny_vlm import save_tiny_vlm
 
 SHARDS, PER_SHARD = 4, 200
 BATCH = 16

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from dedup_shards import write_planted_shards
-from process_runs import sigkill_while_feeding_fifo
-from testing_helpers import one_epoch_keys
 
-from sd3train.curation.atomic import TEMP_MARK
 from sd3train.curation.dedup import main
-from sd3train.data.shards import EncodedImage, ShardSample, write_shards
 from sd3train.data.skips import load_blocklist
+from sd3train.data.tar_writer import EncodedImage, ShardSample, write_shards
+from sd3train.durable import TEMP_MARK
+from tests.support.datamodules import one_epoch_keys
+from tests.support.dedup_shards import write_planted_shards
+from tests.support.processes import sigkill_while_feeding_fifo
 
 ORIGINALS, COPIES, PER_SHARD = 270, 30, 50  # 300 samples, 10% planted copies, 6 shards
 SHARDS = 6

@@ -161,7 +161,7 @@ def test_the_embed_stage_with_sscd_stores_the_models_descriptors(model, authors_
 
     from sd3train.curation.dedup import main
     from sd3train.curation.dedup_embed import read_embeddings
-    from sd3train.data.shards import EncodedImage, ShardSample, write_shards
+    from sd3train.data.tar_writer import EncodedImage, ShardSample, write_shards
 
     rng = np.random.default_rng(4)
     pictures = [Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from dedup_shards import distinct_image
 from PIL import Image
 
 from sd3train.curation.descriptors import DEFAULT_THRESHOLDS, ThumbnailDescriptor
+from tests.support.dedup_shards import distinct_image
 
 
 def test_thumbnails_are_unit_and_ignore_a_per_channel_gain_and_offset():

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from process_runs import sigkill_while_feeding_fifo
 from safetensors.torch import load as load_safetensors
 
+from sd3train.checkpoint.components import text_conditioner_from_config, vae_from_config
 from sd3train.curation import precompute
-from sd3train.curation.atomic import TEMP_MARK
 from sd3train.curation.encode_shard import _Item, _SourceOrderBatcher
 from sd3train.curation.precompute import (
     UsageError,
@@ -29,11 +28,11 @@ from sd3train.curation.precompute import (
 from sd3train.data.cache_format import CACHE_INFO_NAME, DTYPES, TEXT_OUTPUTS
 from sd3train.data.datamodule import build_decoder
 from sd3train.data.decoders import Skip
-from sd3train.data.shards import EncodedImage, ShardSample, sha256_file, write_shards
 from sd3train.data.tar_reader import RawSample, read_shard
-from sd3train.model.text_encoders import TextConditioner
-from sd3train.model.vae import VAE
+from sd3train.data.tar_writer import EncodedImage, ShardSample, sha256_file, write_shards
+from sd3train.durable import TEMP_MARK
 from sd3train.tools.make_shapes import build_shapes
+from tests.support.processes import sigkill_while_feeding_fifo
 
 TRAIN = 4  # shapes train shards of 16 samples each
 BATCH = 4  # small batches, so a shard is several batches (the kill test needs that)
@@ -120,8 +119,8 @@ def test_cache_holds_the_encoder_outputs_in_source_order(sources, tmp_path, caps
     assert [entry.key for entry in cached] == [raw.key for raw, _ in usable]  # source order, not bucket order
     assert len({decoded.bucket for _, decoded in usable}) == 3
 
-    vae = VAE.from_config(cfg.vae).eval()
-    text = TextConditioner.from_config(cfg.text).eval()
+    vae = vae_from_config(cfg.vae).eval()
+    text = text_conditioner_from_config(cfg.text).eval()
     close = {"rtol": tolerance, "atol": tolerance}
     with torch.no_grad():
         for (raw, decoded), entry in zip(usable, cached):
@@ -312,18 +311,13 @@ def test_output_names():
 
 
 def test_training_on_a_cache_made_with_other_settings_fails_at_config_time(reference, tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from sd3train.config.typed import ConfigError
-    from sd3train.config.validate import load_config
-    from sd3train.train import CONF_DIR
+    from tests.support import config
 
     def training_config(*overrides: str):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            return load_config(compose(config_name="config", overrides=[
-                "experiment=tiny_cpu", "data=cached", f"data.shards='{reference}/train-{{000000..{TRAIN - 1:06d}}}.tar'",
-                "data.resolution=32", *overrides,
-            ]))
+        return config.compose_config("experiment=tiny_cpu", "data=cached",
+                                     f"data.shards='{reference}/train-{{000000..{TRAIN - 1:06d}}}.tar'",
+                                     "data.resolution=32", *overrides)
 
     assert training_config().data.cached  # the settings it was made with: accepted
     assert training_config("text.dropout_t5=0.1").text.dropout_t5 == 0.1  # training-time only

@@ -12,15 +12,16 @@ import logging
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from photo_shards import jpeg_bytes, photo_samples, write_photo_shards
 from sd3train.config.schema import DataConfig
 from sd3train.data.datamodule import ShardDataModule
-from sd3train.data.shards import write_shards
 from sd3train.data.skips import DataBudgetError, reset_skip_log
+from sd3train.data.tar_writer import write_shards
+from tests.support.photo_shards import jpeg_bytes, photo_samples, write_photo_shards
 
 BATCH = 4
 Members = list[tuple[str, bytes]]
@@ -92,26 +93,21 @@ def bad_set(folder: Path) -> tuple[str, list[str]]:
     return spec, [s.key for s in good] + survivors + mixed
 
 
-def datamodule_for(spec: str, **overrides) -> ShardDataModule:
+def data_config(spec: str, **overrides) -> DataConfig:
     fields = dict(
         shards=spec, val_shards=None, resolution=32, batch_size=BATCH, num_workers=0, shuffle_buffer=10,
         skip_budget=0.2, skip_budget_min_samples=20,
     )
     fields.update(overrides)
-    datamodule = ShardDataModule(DataConfig(**fields), seed=0)
-    _MADE.append(datamodule)
-    return datamodule
+    return DataConfig(**fields)
 
 
-_MADE: list[ShardDataModule] = []
+@pytest.fixture
+def datamodule_for(datamodules) -> Callable[..., ShardDataModule]:
+    def make(spec: str, **overrides) -> ShardDataModule:
+        return datamodules(data_config(spec, **overrides), seed=0)
 
-
-@pytest.fixture(autouse=True)
-def release_workers():
-    """Tear each datamodule down when the test ends, as Lightning does after fit: its workers stop now."""
-    yield
-    while _MADE:
-        _MADE.pop().teardown("fit")
+    return make
 
 
 def one_epoch(datamodule: ShardDataModule) -> tuple[list[str], Counter, dict[str, float]]:
@@ -128,9 +124,11 @@ def one_epoch(datamodule: ShardDataModule) -> tuple[list[str], Counter, dict[str
         keys += batch["keys"]
     datamodule.teardown("fit")
     probe = ShardDataModule(datamodule.cfg, seed=datamodule.seed)
-    probe.epoch = 1
-    next(iter(probe.train_dataloader()))
-    probe.teardown("fit")
+    probe.position.epoch = 1
+    try:
+        next(iter(probe.train_dataloader()))
+    finally:
+        probe.teardown("fit")
     skipped = Counter(datamodule.skipped)
     skipped.subtract(probe.skipped)
     skipped = +skipped  # drop zero counts
@@ -143,7 +141,9 @@ def one_epoch(datamodule: ShardDataModule) -> tuple[list[str], Counter, dict[str
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_one_epoch_of_a_bad_set_counts_each_problem_once_and_yields_every_good_key_once(tmp_path, num_workers):
+def test_one_epoch_of_a_bad_set_counts_each_problem_once_and_yields_every_good_key_once(
+    tmp_path, num_workers, datamodule_for
+):
     spec, good_keys = bad_set(tmp_path / "shards")
     assert len(good_keys) == 42
     datamodule = datamodule_for(spec, num_workers=num_workers)
@@ -167,7 +167,7 @@ def corrupt_set(folder: Path, good: int, bad: int) -> tuple[str, Path]:
     return f"{folder}/good-000000.tar::{bad_path}", bad_path
 
 
-def test_more_bad_samples_than_the_budget_stop_the_run_naming_budget_and_worst_shard(tmp_path):
+def test_more_bad_samples_than_the_budget_stop_the_run_naming_budget_and_worst_shard(tmp_path, datamodule_for):
     spec, bad_path = corrupt_set(tmp_path, good=20, bad=10)
     datamodule = datamodule_for(spec, skip_budget=0.05, skip_budget_min_samples=0)
     with pytest.raises(DataBudgetError) as caught:
@@ -179,7 +179,7 @@ def test_more_bad_samples_than_the_budget_stop_the_run_naming_budget_and_worst_s
     assert "decode_error" in message
 
 
-def test_budget_is_checked_on_the_rank_totals_with_two_workers(tmp_path):
+def test_budget_is_checked_on_the_rank_totals_with_two_workers(tmp_path, datamodule_for):
     spec, bad_path = corrupt_set(tmp_path, good=20, bad=10)
     # 2 shards, 2 workers: one worker reads only the corrupt shard and trips the budget.
     datamodule = datamodule_for(spec, skip_budget=0.05, skip_budget_min_samples=0, num_workers=2)
@@ -200,7 +200,7 @@ def all_bad_shard(tmp_path) -> Path:
     return write_tar(tmp_path / "allbad-000000.tar", members)
 
 
-def test_a_set_where_every_sample_is_bad_raises_the_budget_error_even_below_min_samples(tmp_path):
+def test_a_set_where_every_sample_is_bad_raises_the_budget_error_even_below_min_samples(tmp_path, datamodule_for):
     path = all_bad_shard(tmp_path)
     # The shipped defaults: 5% of at least 1000 samples; 6 bad of 6 read still stops the run.
     datamodule = datamodule_for(str(path), skip_budget=0.05, skip_budget_min_samples=1000)
@@ -211,7 +211,7 @@ def test_a_set_where_every_sample_is_bad_raises_the_budget_error_even_below_min_
     assert "decode_error 6" in message and f"the worst shard is {path} with 6 skipped" in message
 
 
-def test_all_bad_under_a_disabled_budget_says_no_batch_and_what_was_skipped(tmp_path):
+def test_all_bad_under_a_disabled_budget_says_no_batch_and_what_was_skipped(tmp_path, datamodule_for):
     """skip_budget=1.0 turns the budget off; an epoch without a batch must still say why."""
     path = all_bad_shard(tmp_path)
     datamodule = datamodule_for(str(path), skip_budget=1.0, skip_budget_min_samples=0)
@@ -226,7 +226,7 @@ def test_all_bad_under_a_disabled_budget_says_no_batch_and_what_was_skipped(tmp_
     assert "decode_error" in skipped and "6" in skipped, message
 
 
-def test_skips_after_a_workers_last_batch_are_counted(tmp_path):
+def test_skips_after_a_workers_last_batch_are_counted(tmp_path, datamodule_for):
     """4 good samples fill one batch; the corrupt sample read after them rides on no batch."""
     members: Members = []
     for i in range(4):
@@ -239,7 +239,7 @@ def test_skips_after_a_workers_last_batch_are_counted(tmp_path):
     assert dict(skipped) == {"decode_error": 1}
 
 
-def test_skip_warnings_are_rate_limited_and_name_shard_and_key(tmp_path, caplog):
+def test_skip_warnings_are_rate_limited_and_name_shard_and_key(tmp_path, caplog, datamodule_for):
     spec, bad_path = corrupt_set(tmp_path, good=8, bad=50)
     datamodule = datamodule_for(spec, shuffle_buffer=0, skip_budget=1.0, skip_budget_min_samples=0)
     reset_skip_log()  # the rate limit counts per process, across tests
@@ -258,11 +258,11 @@ def test_skip_warnings_are_rate_limited_and_name_shard_and_key(tmp_path, caplog)
 def test_teardown_stops_the_persistent_workers_at_once(tmp_path):
     """After fit, Lightning calls `datamodule.teardown("fit")`; the 2 persistent workers must stop then.
 
-    Left to the cyclic garbage collector (datamodule <-> TrainBatches hold each other), torch's
+    Left to the cyclic garbage collector (when a reference cycle holds the datamodule), torch's
     worker shutdown waits 5 s per worker for a stop signal that never arrives.
     """
-    datamodule = datamodule_for(write_photo_shards(tmp_path, count=40, per_shard=10), num_workers=2, shuffle_buffer=1000)
-    _MADE.remove(datamodule)
+    shards = write_photo_shards(tmp_path, count=40, per_shard=10)
+    datamodule = ShardDataModule(data_config(shards, num_workers=2, shuffle_buffer=1000), seed=0)  # deleted below
     next(iter(datamodule.train_dataloader()))
     datamodule.teardown("fit")
     del datamodule
@@ -271,7 +271,7 @@ def test_teardown_stops_the_persistent_workers_at_once(tmp_path):
     assert time.perf_counter() - start < 3.0
 
 
-def test_lost_shards_have_a_budget_of_their_own(tmp_path):
+def test_lost_shards_have_a_budget_of_their_own(tmp_path, datamodule_for):
     write_shards(photo_samples(44, seed=7), tmp_path, prefix="ok", samples_per_shard=2)  # 22 shards
     junk = []
     for index in range(3):  # 3 of 25 shards unreadable: 12%

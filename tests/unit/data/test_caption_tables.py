@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
 import pytest
 
-from photo_shards import write_photo_shards
 from sd3train.config.schema import DataConfig
 from sd3train.data.caption_tables import CAPTION_FORMAT, CAPTION_INFO_NAME, SYNTHETIC_FIELD, read_table, table_line
 from sd3train.data.captions import use_synthetic
 from sd3train.data.datamodule import ShardDataModule
+from tests.support.config import compose_config
+from tests.support.photo_shards import write_photo_shards
 
 NUM_PHOTOS, PER_SHARD = 120, 30  # 4 shards; keys 000000000..000000119
 
@@ -45,11 +47,15 @@ def write_tables(folder: Path, shards: range = range(4), keep=lambda index: inde
     return folder
 
 
-def make_datamodule(shards: str, **overrides) -> ShardDataModule:
-    fields = dict(shards=shards, val_shards=None, resolution=16, aspect_buckets=False, batch_size=10, num_workers=0,
-                  shuffle_buffer=0, p_synthetic=1.0, skip_budget_min_samples=0)
-    fields.update(overrides)
-    return ShardDataModule(DataConfig(**fields), seed=0)
+@pytest.fixture
+def make_datamodule(datamodules) -> Callable[..., ShardDataModule]:
+    def make(shards: str, **overrides) -> ShardDataModule:
+        fields = dict(shards=shards, val_shards=None, resolution=16, aspect_buckets=False, batch_size=10, num_workers=0,
+                      shuffle_buffer=0, p_synthetic=1.0, skip_budget_min_samples=0)
+        fields.update(overrides)
+        return datamodules(DataConfig(**fields), seed=0)
+
+    return make
 
 
 def captions_by_key(datamodule: ShardDataModule) -> dict[int, tuple[str, bool]]:
@@ -72,7 +78,7 @@ def test_table_rows_are_one_json_object_per_line_read_back_by_key(tmp_path):
     assert read_table(path) == {"a/1": "ein Bild\nmit Umlaut ä", "a/2": "two"}  # the first row of a key wins
 
 
-def test_table_caption_comes_first_and_the_sidecar_fills_the_gaps(photos, tmp_path):
+def test_table_caption_comes_first_and_the_sidecar_fills_the_gaps(photos, tmp_path, make_datamodule):
     _, shards = photos
     tables = write_tables(tmp_path / "captions")
     with_sidecar = captions_by_key(make_datamodule(shards, synthetic_captions=str(tables), synthetic_caption_key="syn.txt"))
@@ -86,7 +92,7 @@ def test_table_caption_comes_first_and_the_sidecar_fills_the_gaps(photos, tmp_pa
                                         else (f"original caption {index}", False)), index
 
 
-def test_the_mix_picks_the_table_caption_by_seed_key_and_epoch(photos, tmp_path):
+def test_the_mix_picks_the_table_caption_by_seed_key_and_epoch(photos, tmp_path, make_datamodule):
     _, shards = photos
     tables = write_tables(tmp_path / "captions", keep=lambda index: True)
     seen = captions_by_key(make_datamodule(shards, synthetic_captions=str(tables), p_synthetic=0.5))
@@ -97,7 +103,7 @@ def test_the_mix_picks_the_table_caption_by_seed_key_and_epoch(photos, tmp_path)
     assert 0.35 < len(chosen) / NUM_PHOTOS < 0.65, len(chosen)  # 120 draws: 3 standard deviations
 
 
-def test_a_shard_without_a_table_keeps_its_own_captions_after_a_warning(photos, tmp_path, caplog):
+def test_a_shard_without_a_table_keeps_its_own_captions_after_a_warning(photos, tmp_path, caplog, make_datamodule):
     _, shards = photos
     tables = write_tables(tmp_path / "captions", shards=range(3), keep=lambda index: True)  # none for shard 3
     datamodule = make_datamodule(shards, synthetic_captions=str(tables))
@@ -109,7 +115,7 @@ def test_a_shard_without_a_table_keeps_its_own_captions_after_a_warning(photos, 
     assert "photos-000003.jsonl" in caplog.text
 
 
-def test_resume_is_sample_exact_with_caption_tables_and_two_workers(photos, tmp_path):
+def test_resume_is_sample_exact_with_caption_tables_and_two_workers(photos, tmp_path, make_datamodule):
     _, shards = photos
     tables = write_tables(tmp_path / "captions")
     settings = dict(synthetic_captions=str(tables), synthetic_caption_key="syn.txt", p_synthetic=0.5, num_workers=2,
@@ -131,7 +137,7 @@ def test_resume_is_sample_exact_with_caption_tables_and_two_workers(photos, tmp_
         make_datamodule(shards, **{**settings, "synthetic_captions": None}).load_state_dict(state)
 
 
-def test_a_checkpoint_from_before_caption_tables_still_resumes(photos):
+def test_a_checkpoint_from_before_caption_tables_still_resumes(photos, make_datamodule):
     _, shards = photos
     interrupted = make_datamodule(shards)
     list(islice(interrupted.train_dataloader(), 2))
@@ -155,14 +161,7 @@ def test_no_tar_member_can_take_the_joined_field_name():
 
 
 def _load(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from sd3train.config.validate import load_config
-    from sd3train.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return load_config(compose(config_name="config", overrides=["experiment=tiny_cpu", "trainer.accelerator=cpu",
-                                                                     *overrides]))
+    return compose_config("experiment=tiny_cpu", "trainer.accelerator=cpu", *overrides)
 
 
 def test_config_accepts_a_caption_folder_and_refuses_bad_ones_naming_them(photos, tmp_path):

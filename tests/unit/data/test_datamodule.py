@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import torch
 
 from sd3train.config.schema import DataConfig
 from sd3train.data.datamodule import REPO_ROOT, ShardDataModule, resolve_shard_urls
-from sd3train.data.sources import ShardPlan, Source
 from sd3train.data.shapes import parse_caption
+from sd3train.data.sources import ShardPlan, Source
 from sd3train.tools.make_shapes import build_shapes
 
 # 64 train samples in 4 shards of 16, 16 val samples; batches of 8. With 2 workers each worker
@@ -27,25 +28,29 @@ def shards(tmp_path_factory) -> Path:
     return folder
 
 
-def make_datamodule(shards: Path, seed: int = 0, **overrides) -> ShardDataModule:
-    fields = dict(
-        shards=str(shards / "train-{000000..000003}.tar"),
-        val_shards=str(shards / "val-000000.tar"),
-        resolution=16,  # shards hold 32x32 images: the resize path runs
-        batch_size=BATCH,
-        num_workers=0,
-        shuffle_buffer=20,
-        val_batches=1,
-    )
-    fields.update(overrides)
-    return ShardDataModule(DataConfig(**fields), seed=seed)
+@pytest.fixture
+def make_datamodule(datamodules) -> Callable[..., ShardDataModule]:
+    def make(shards: Path, seed: int = 0, **overrides) -> ShardDataModule:
+        fields = dict(
+            shards=str(shards / "train-{000000..000003}.tar"),
+            val_shards=str(shards / "val-000000.tar"),
+            resolution=16,  # shards hold 32x32 images: the resize path runs
+            batch_size=BATCH,
+            num_workers=0,
+            shuffle_buffer=20,
+            val_batches=1,
+        )
+        fields.update(overrides)
+        return datamodules(DataConfig(**fields), seed=seed)
+
+    return make
 
 
 def first_keys(datamodule: ShardDataModule, num_batches: int) -> list[list[str]]:
     return [batch["keys"] for batch in islice(datamodule.train_dataloader(), num_batches)]
 
 
-def test_train_batch_has_images_in_range_and_grammar_captions(shards):
+def test_train_batch_has_images_in_range_and_grammar_captions(shards, make_datamodule):
     batch = next(iter(make_datamodule(shards).train_dataloader()))
     assert sorted(batch) == [
         "captions", "crop_offsets", "flipped", "images", "keys", "original_sizes", "synthetic_captions", "urls"
@@ -61,18 +66,18 @@ def test_train_batch_has_images_in_range_and_grammar_captions(shards):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_same_seed_gives_same_key_order(shards, num_workers):
+def test_same_seed_gives_same_key_order(shards, num_workers, make_datamodule):
     first = first_keys(make_datamodule(shards, seed=3, num_workers=num_workers), 6)
     second = first_keys(make_datamodule(shards, seed=3, num_workers=num_workers), 6)
     assert first == second
     assert len({key for keys in first for key in keys}) == 6 * BATCH
 
 
-def test_different_seed_gives_different_order(shards):
+def test_different_seed_gives_different_order(shards, make_datamodule):
     assert first_keys(make_datamodule(shards, seed=0), 2) != first_keys(make_datamodule(shards, seed=1), 2)
 
 
-def test_every_key_once_per_epoch_with_two_workers_and_new_order_next_epoch(shards):
+def test_every_key_once_per_epoch_with_two_workers_and_new_order_next_epoch(shards, make_datamodule):
     datamodule = make_datamodule(shards, num_workers=2)
     stream = iter(datamodule.train_dataloader())
     epochs = []
@@ -86,7 +91,7 @@ def test_every_key_once_per_epoch_with_two_workers_and_new_order_next_epoch(shar
     assert (datamodule.epoch, datamodule.batches_in_epoch, datamodule.batches_consumed) == (2, 1, 17)
 
 
-def test_restarted_iteration_continues_where_the_consumed_batches_end(shards):
+def test_restarted_iteration_continues_where_the_consumed_batches_end(shards, make_datamodule):
     reference = first_keys(make_datamodule(shards, num_workers=2), BATCHES_PER_EPOCH + 2)
     datamodule = make_datamodule(shards, num_workers=2)
     batches = datamodule.train_dataloader()
@@ -96,7 +101,7 @@ def test_restarted_iteration_continues_where_the_consumed_batches_end(shards):
     assert (datamodule.epoch, datamodule.batches_in_epoch, datamodule.batches_consumed) == (1, 2, 10)
 
 
-def test_ranks_read_disjoint_halves(shards, monkeypatch):
+def test_ranks_read_disjoint_halves(shards, monkeypatch, make_datamodule):
     keys_by_rank = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
@@ -116,7 +121,7 @@ def test_epoch_shards_split_by_rank_and_worker_cover_each_shard_once():
     assert plan.shards(5, 0, 1, 0, 1) != plan.shards(6, 0, 1, 0, 1)
 
 
-def test_val_loader_is_fixed_order_deterministic_and_bounded(shards):
+def test_val_loader_is_fixed_order_deterministic_and_bounded(shards, make_datamodule):
     datamodule = make_datamodule(shards, val_batches=1)
     first, second = list(datamodule.val_dataloader()), list(datamodule.val_dataloader())
     assert len(first) == 1
@@ -127,7 +132,7 @@ def test_val_loader_is_fixed_order_deterministic_and_bounded(shards):
     assert make_datamodule(shards, val_shards=None).val_dataloader() == []
 
 
-def test_state_round_trips_and_resume_continues_the_same_stream(shards):
+def test_state_round_trips_and_resume_continues_the_same_stream(shards, make_datamodule):
     datamodule = make_datamodule(shards)
     first_keys(datamodule, 3)
     state = datamodule.state_dict()
@@ -154,10 +159,10 @@ def test_relative_shard_paths_resolve_against_repo_root(tmp_path):
     ]
 
 
-def test_missing_shards_fail_naming_the_option_or_the_command_that_makes_them(tmp_path):
+def test_missing_shards_fail_naming_the_option_or_the_command_that_makes_them(tmp_path, make_datamodule, datamodules):
     with pytest.raises(FileNotFoundError, match=r"4 of 4 train shard\(s\) missing, .*; check data.shards"):
         make_datamodule(tmp_path).train_dataloader()
-    shapes = ShardDataModule(DataConfig(shards="data/shapes/train-999998.tar", val_shards=None), seed=0)
+    shapes = datamodules(DataConfig(shards="data/shapes/train-999998.tar", val_shards=None), seed=0)
     with pytest.raises(FileNotFoundError, match="make_shapes"):
         shapes.train_dataloader()
     assert resolve_shard_urls(f"file:{tmp_path}/a.tar") == [f"{tmp_path}/a.tar"]

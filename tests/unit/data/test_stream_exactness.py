@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from itertools import islice
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from photo_shards import PHOTO_SIZES, write_photo_shards
 from sd3train.config.schema import DataConfig
 from sd3train.data.datamodule import ShardDataModule
+from tests.support.photo_shards import PHOTO_SIZES, write_photo_shards
 
 NUM_PHOTOS, PER_SHARD, BATCH = 240, 30, 8
 RESOLUTION = 64
@@ -25,14 +26,22 @@ def photos(tmp_path_factory) -> str:
     return write_photo_shards(tmp_path_factory.mktemp("photos"), NUM_PHOTOS, PER_SHARD)
 
 
-def make_datamodule(shards: str, seed: int = 0, **overrides) -> ShardDataModule:
+def data_config(shards: str, **overrides) -> DataConfig:
     fields = dict(
         shards=shards, val_shards=None, resolution=RESOLUTION, aspect_buckets=True, batch_size=BATCH,
         num_workers=2, shuffle_buffer=50, synthetic_caption_key="syn.txt", p_synthetic=0.5,
         skip_budget_min_samples=0,
     )
     fields.update(overrides)
-    return ShardDataModule(DataConfig(**fields), seed=seed)
+    return DataConfig(**fields)
+
+
+@pytest.fixture
+def make_datamodule(datamodules) -> Callable[..., ShardDataModule]:
+    def make(shards: str, seed: int = 0, **overrides) -> ShardDataModule:
+        return datamodules(data_config(shards, **overrides), seed=seed)
+
+    return make
 
 
 def epochs(datamodule: ShardDataModule, count: int) -> list[list[dict]]:
@@ -50,19 +59,19 @@ def one_epoch(datamodule: ShardDataModule) -> list[dict]:
     return epochs(datamodule, 1)[0]
 
 
-def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(photos, monkeypatch):
+def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(photos, monkeypatch, make_datamodule):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for epoch in range(2):
         keys = []
         for rank in (0, 1):
             monkeypatch.setenv("RANK", str(rank))
             datamodule = make_datamodule(photos)
-            datamodule.epoch = epoch
+            datamodule.position.epoch = epoch
             keys += [key for batch in one_epoch(datamodule) for key in batch["keys"]]
         assert sorted(keys) == [f"{index:09d}" for index in range(NUM_PHOTOS)], f"epoch {epoch}"
 
 
-def test_each_batch_is_one_bucket_shape_near_the_target_area(photos):
+def test_each_batch_is_one_bucket_shape_near_the_target_area(photos, make_datamodule):
     datamodule = make_datamodule(photos)
     shapes = Counter()
     for batch in one_epoch(datamodule):
@@ -83,7 +92,7 @@ def many_photos(tmp_path_factory) -> str:
     return write_photo_shards(tmp_path_factory.mktemp("many"), 2000, 250, sizes=((24, 24), (32, 16)))
 
 
-def _synthetic_choices(shards: str) -> dict[str, bool]:
+def _synthetic_choices(make_datamodule, shards: str) -> dict[str, bool]:
     datamodule = make_datamodule(shards, num_workers=0, batch_size=50, shuffle_buffer=0, resolution=16)
     choices = {}
     for batch in one_epoch(datamodule):
@@ -93,15 +102,15 @@ def _synthetic_choices(shards: str) -> dict[str, bool]:
     return choices
 
 
-def test_caption_mix_is_half_synthetic_and_identical_across_reruns(many_photos):
-    first = _synthetic_choices(many_photos)
+def test_caption_mix_is_half_synthetic_and_identical_across_reruns(many_photos, make_datamodule):
+    first = _synthetic_choices(make_datamodule, many_photos)
     assert len(first) == 2000
     fraction = sum(first.values()) / len(first)
     assert abs(fraction - 0.5) <= 0.05, fraction
-    assert _synthetic_choices(many_photos) == first
+    assert _synthetic_choices(make_datamodule, many_photos) == first
 
 
-def test_caption_choice_changes_with_the_epoch(photos):
+def test_caption_choice_changes_with_the_epoch(photos, make_datamodule):
     choices = [
         {key: synthetic for batch in batches for key, synthetic in zip(batch["keys"], batch["synthetic_captions"])}
         for batches in epochs(make_datamodule(photos, num_workers=0), 2)
@@ -115,7 +124,7 @@ def _keys(batches) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("stop_after", [1, 4, 9, 17, 30, 41])
-def test_resume_after_k_batches_yields_the_uninterrupted_sequence_with_two_workers(photos, stop_after):
+def test_resume_after_k_batches_yields_the_uninterrupted_sequence_with_two_workers(photos, stop_after, make_datamodule):
     # 240 photos in uneven buckets: workers form different numbers of batches, epochs end with
     # partial batches, and k = 30, 41 fall in the second epoch.
     total = 50
@@ -128,9 +137,9 @@ def test_resume_after_k_batches_yields_the_uninterrupted_sequence_with_two_worke
     assert _keys(islice(resumed.train_dataloader(), total - stop_after)) == reference[stop_after:]
 
 
-def test_resume_keeps_the_decode_failures_it_had_seen(tmp_path):
-    from photo_shards import photo_samples
-    from sd3train.data.shards import EncodedImage, ShardSample, write_shards
+def test_resume_keeps_the_decode_failures_it_had_seen(tmp_path, make_datamodule):
+    from sd3train.data.tar_writer import EncodedImage, ShardSample, write_shards
+    from tests.support.photo_shards import photo_samples
 
     samples = photo_samples(60, seed=3)
     broken = samples[5]
@@ -147,7 +156,7 @@ def test_resume_keeps_the_decode_failures_it_had_seen(tmp_path):
     assert all(broken.key not in keys for keys in reference)
 
 
-def test_resume_with_another_worker_count_is_refused_naming_it_unless_resplit(photos):
+def test_resume_with_another_worker_count_is_refused_naming_it_unless_resplit(photos, make_datamodule):
     interrupted = make_datamodule(photos)
     list(islice(interrupted.train_dataloader(), 3))
     state = interrupted.state_dict()
@@ -168,14 +177,15 @@ def _two_rank_worker(rank: int, shards: str, port: int, out: str) -> None:
         # In-process loading (workers are covered above); a rank's epoch is about 17 batches, so
         # the 24 cross into epoch 1 (keys repeat).
         total, stop_after = 24, 6
-        reference = _keys(islice(make_datamodule(shards, num_workers=0).train_dataloader(), total))
-        interrupted = make_datamodule(shards, num_workers=0)
+        cfg = data_config(shards, num_workers=0)  # no fixture in this process, and no workers to tear down
+        reference = _keys(islice(ShardDataModule(cfg, seed=0).train_dataloader(), total))
+        interrupted = ShardDataModule(cfg, seed=0)
         list(islice(interrupted.train_dataloader(), stop_after))
         state = interrupted.state_dict()  # gathers both ranks' cursors
         if rank == 0:
             torch.save(state, out)
         torch.distributed.barrier()
-        resumed = make_datamodule(shards, num_workers=0)
+        resumed = ShardDataModule(cfg, seed=0)
         resumed.load_state_dict(torch.load(out, weights_only=False))  # every rank reads rank 0's file
         continued = _keys(islice(resumed.train_dataloader(), total - stop_after))
         torch.save({"reference": reference, "continued": continued, "ranks": len(state["ranks"])}, f"{out}.{rank}")
@@ -203,11 +213,11 @@ def test_resume_is_exact_on_two_ranks_in_separate_processes(photos, tmp_path):
 
 
 
-def test_resume_is_exact_when_keys_repeat_across_shard_sets_and_one_copy_is_corrupt(tmp_path):
+def test_resume_is_exact_when_keys_repeat_across_shard_sets_and_one_copy_is_corrupt(tmp_path, make_datamodule):
     # Two datasets numbered from 0 (as sd3train-shards and img2dataset number them), mixed in one
     # list; key 000000003 is corrupt in the first and fine in the second.
-    from photo_shards import photo_samples
-    from sd3train.data.shards import EncodedImage, ShardSample, write_shards
+    from sd3train.data.tar_writer import EncodedImage, ShardSample, write_shards
+    from tests.support.photo_shards import photo_samples
 
     first = photo_samples(40, seed=1)
     broken = first[3]
@@ -225,9 +235,9 @@ def test_resume_is_exact_when_keys_repeat_across_shard_sets_and_one_copy_is_corr
         assert _keys(islice(resumed.train_dataloader(), 16 - stop_after)) == reference[stop_after:], stop_after
 
 
-def test_counts_after_a_resume_equal_the_uninterrupted_counts(tmp_path):
-    from photo_shards import photo_samples
-    from sd3train.data.shards import EncodedImage, ShardSample, write_shards
+def test_counts_after_a_resume_equal_the_uninterrupted_counts(tmp_path, make_datamodule):
+    from sd3train.data.tar_writer import EncodedImage, ShardSample, write_shards
+    from tests.support.photo_shards import photo_samples
 
     samples = photo_samples(26, seed=4)
     for index in (2, 25):  # one early, one after the last full batch (counted in the epoch's tail)
@@ -254,10 +264,10 @@ def test_counts_after_a_resume_equal_the_uninterrupted_counts(tmp_path):
         assert counts_after(4, stop_after) == straight, stop_after
 
 
-def test_a_changed_shard_after_the_checkpoint_is_detected_on_resume(tmp_path):
-    from photo_shards import photo_samples
-    from sd3train.data.shards import write_shards
+def test_a_changed_shard_after_the_checkpoint_is_detected_on_resume(tmp_path, make_datamodule):
     from sd3train.data.stream import DataResumeError
+    from sd3train.data.tar_writer import write_shards
+    from tests.support.photo_shards import photo_samples
 
     write_shards(photo_samples(48, seed=5), tmp_path, prefix="d", samples_per_shard=12)
     shards = f"{tmp_path}/d-{{000000..000003}}.tar"

@@ -14,13 +14,9 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
-from testing_helpers import tiny_config
-from tiny_lightning import TinyModule
 
-from sd3train.config.typed import ConfigError, to_plain
-from sd3train.lit import checkpointing
-from sd3train.lit.checkpointing import (
-    AtomicCheckpoint,
+from sd3train.checkpoint import step_dirs
+from sd3train.checkpoint.step_dirs import (
     IncompleteCheckpointError,
     apply_retention,
     clean_stale,
@@ -30,9 +26,13 @@ from sd3train.lit.checkpointing import (
     point_last,
     publish,
     resolve_resume_path,
+    resume_checkpoint,
     step_dir_name,
 )
-from sd3train.train import resume_checkpoint
+from sd3train.config.typed import ConfigError, to_plain
+from sd3train.lit.checkpointing import AtomicCheckpoint
+from tests.support.config import tiny_config
+from tests.support.tiny_lightning import TinyModule
 
 
 def make_checkpoint(root: Path, step: int, *, marker: object = "ok", checkpoint: bool = True,
@@ -111,26 +111,27 @@ def test_resume_checkpoint_auto_never_and_paths(tmp_path):
         return SimpleNamespace(trainer=SimpleNamespace(resume=resume))
 
     run = tmp_path / "run"
-    assert resume_checkpoint(cfg("auto"), run) is None  # a fresh run
+    assert resume_checkpoint(cfg("auto"), run, warnings.warn) is None  # a fresh run
     checkpoints = run / "checkpoints"
     make_checkpoint(checkpoints, 2)
     make_checkpoint(checkpoints, 4)
     make_checkpoint(checkpoints, 6, name=".staging-step-0000006")
-    assert resume_checkpoint(cfg("auto"), run) == str(checkpoints / "step-0000004" / "checkpoint.ckpt")
-    assert resume_checkpoint(cfg("never"), run) is None
+    assert resume_checkpoint(cfg("auto"), run, warnings.warn) == str(checkpoints / "step-0000004" / "checkpoint.ckpt")
+    assert resume_checkpoint(cfg("never"), run, warnings.warn) is None
     with pytest.warns(UserWarning, match="newer checkpoints"):
-        assert resume_checkpoint(cfg(str(checkpoints / "step-0000002")), run) == str(
+        assert resume_checkpoint(cfg(str(checkpoints / "step-0000002")), run, warnings.warn) == str(
             checkpoints / "step-0000002" / "checkpoint.ckpt")
     make_checkpoint(checkpoints, 8, marker=None)
     with pytest.raises(ConfigError, match="trainer.resume: .*step-0000008 is not a complete checkpoint"):
-        resume_checkpoint(cfg(str(checkpoints / "step-0000008")), run)
+        resume_checkpoint(cfg(str(checkpoints / "step-0000008")), run, warnings.warn)
 
 
 def test_legacy_last_ckpt_is_not_resumed_but_named(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"old layout")
+    auto = SimpleNamespace(trainer=SimpleNamespace(resume="auto"))
     with pytest.warns(UserWarning, match="last.ckpt from an older sd3train"):
-        assert resume_checkpoint(SimpleNamespace(trainer=SimpleNamespace(resume="auto")), tmp_path) is None
+        assert resume_checkpoint(auto, tmp_path, warnings.warn) is None
 
 
 # -- retention, publishing, the last link ----------------------------------------------------------
@@ -176,7 +177,7 @@ def test_last_is_replaced_atomically(tmp_path, monkeypatch):
         seen.append((Path(source).name, Path(target).name))
         real_replace(source, target)
 
-    monkeypatch.setattr(checkpointing.os, "replace", replace)
+    monkeypatch.setattr(step_dirs.os, "replace", replace)
     point_last(tmp_path, "step-0000004")
     assert seen and seen[0][1] == "last" and seen[0][0].startswith(".last.tmp-")
     assert os.readlink(tmp_path / "last") == "step-0000004"
@@ -298,22 +299,34 @@ class ScriptedTrainer:
         self.strategy.barrier("Trainer.save_checkpoint")  # as Lightning's does
 
 
-def test_directory_checkpoints_are_published_by_rank_zero_between_barriers(tmp_path, cfg, monkeypatch):
+def pause_after_the_first(sleep, seconds: float):
+    """A `before_publish` hook pausing every checkpoint but the first one its callback writes, as a
+    kill test's pause does (the first is published at once, to fall back on)."""
+    calls = []
+
+    def pause(step: int, staging_dir: Path) -> None:
+        calls.append(step)
+        if len(calls) > 1:
+            sleep(seconds)
+
+    return pause
+
+
+def test_directory_checkpoints_are_published_by_rank_zero_between_barriers(tmp_path, cfg):
     sleeps = []
     staging = tmp_path / "checkpoints" / ".staging-step-0000004"
 
-    def sleep(seconds):  # the debug delay: the checkpoint is written, the marker is not
+    def sleep(seconds):  # the pause: the checkpoint is written, the marker is not
         sleeps.append(seconds)
         assert (staging / "checkpoint.ckpt" / "latest").is_file() and not (staging / "COMPLETE").exists()
 
-    monkeypatch.setattr(checkpointing.time, "sleep", sleep)
-    delayed = dataclasses_replace_trainer(cfg, debug_checkpoint_delay_s=7.5)
     barrier = threading.Barrier(2)
     ranks = [ScriptedTrainer(rank, 2, barrier) for rank in (0, 1)]
     errors = []
 
     def run(trainer):
-        callback = AtomicCheckpoint(tmp_path, delayed, 2, 2)
+        callback = AtomicCheckpoint(tmp_path, cfg, 2, 2)
+        callback.before_publish.append(pause_after_the_first(sleep, 7.5))  # on every rank; rank 0 calls it
         try:
             for step in (2, 4):
                 callback.save(trainer, step)
@@ -339,12 +352,6 @@ def test_directory_checkpoints_are_published_by_rank_zero_between_barriers(tmp_p
                 "barrier AtomicCheckpoint.published"]
     assert ranks[0].calls[5:] == ranks[1].calls[5:] == expected  # every rank saves; same barriers
     assert sorted(path.name for path in checkpoints.iterdir()) == ["last", "step-0000002", "step-0000004"]
-
-
-def dataclasses_replace_trainer(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **changes))
 
 
 def test_keep_below_two_is_refused(tmp_path, cfg):

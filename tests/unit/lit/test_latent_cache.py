@@ -7,7 +7,7 @@ import torch
 
 from sd3train.lit.latent_cache import LatentMomentCache
 from sd3train.lit.module import SD3LitModule
-from testing_helpers import tiny_config
+from tests.support.config import tiny_config
 
 
 class CountingEncoder:

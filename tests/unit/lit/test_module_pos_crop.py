@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from sd3train.lit.module import SD3LitModule
-from testing_helpers import tiny_config
+from tests.support.config import tiny_config
 
 
 def offsets_seen_by_training_step(tmp_path, random_crop: bool) -> list:

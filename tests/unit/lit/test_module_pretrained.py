@@ -1,6 +1,6 @@
 """experiment=finetune_sd35_medium paths.pretrained=FOLDER builds a module that holds the folder's weights.
 
-The folder is a tiny random diffusers SD3 pipeline (tests/reference_models.tiny_sd3_pipeline); the
+The folder is a tiny random diffusers SD3 pipeline (tests/support/reference_models.tiny_sd3_pipeline); the
 overrides shrink the released SD3.5-Medium architecture to its sizes, as a user finetuning their own
 model would set them.
 """
@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from reference_models import relative_error, tiny_sd3_pipeline
 from sd3train.checkpoint import CheckpointError, load_transformer, load_vae
 from sd3train.checkpoint.training import read_training_checkpoint
-from sd3train.config.validate import load_config
 from sd3train.lit.module import SD3LitModule
+from tests.support.config import compose_config
+from tests.support.reference_models import relative_error, tiny_sd3_pipeline
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
 # The tiny pipeline: 2 blocks of width 64 (2 heads), RMS qk norm, no dual attention, 16x16 position
 # table; 2-level VAE (downsampling 2); encoders at conf/text/tiny.yaml widths.
 TINY_PIPELINE_SIZES = (
@@ -40,11 +38,8 @@ def pipeline_folder(tmp_path_factory) -> Path:
 
 
 def finetune_config(folder: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        raw = compose(config_name="config", overrides=[
-            "experiment=finetune_sd35_medium", f"paths.pretrained={folder}", *TINY_PIPELINE_SIZES, *overrides,
-        ])
-    return load_config(raw)
+    return compose_config("experiment=finetune_sd35_medium", f"paths.pretrained={folder}", *TINY_PIPELINE_SIZES,
+                          *overrides)
 
 
 def test_finetune_module_starts_from_every_pretrained_weight(pipeline_folder):

@@ -10,12 +10,13 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from testing_helpers import tiny_config
-from tiny_lightning import TinyModule
 
-from sd3train.lit.checkpointing import AtomicCheckpoint, complete_checkpoints
+from sd3train.checkpoint.step_dirs import complete_checkpoints
+from sd3train.lit.checkpointing import AtomicCheckpoint
 from sd3train.lit.preemption import StopOnPreemption
 from sd3train.runtime import preemption
+from tests.support.config import tiny_config
+from tests.support.tiny_lightning import TinyModule
 
 
 class SignalAt(L.Callback):

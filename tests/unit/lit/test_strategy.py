@@ -12,13 +12,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-from testing_helpers import tiny_config
 
 from sd3train.lit.strategy import (
     CPUDeepSpeedStrategy,
     build_strategy,
     skip_shm_op_build,
 )
+from tests.support.config import tiny_config
 
 ZERO_OPTIONS = {  # option: (stage, optimizer states offloaded, parameters offloaded)
     "zero1": (1, False, False),

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from reference_models import perturb
 from sd3train.config.schema import ModelConfig
 from sd3train.model.embeddings import sincos_2d_table
 from sd3train.model.mmdit import MMDiT
+from tests.support.reference_models import perturb
 
 TINY = dict(depth=2, hidden_size=64, num_heads=2, in_channels=4, context_dim=96, pooled_dim=48,
             pos_embed_max_size=16, sample_size=16)

@@ -5,14 +5,14 @@ import functools
 import pytest
 import torch
 
-from reference_models import MMDIT_DEPTH as DEPTH
-from reference_models import MMDIT_VARIANTS as CONFIGS
-from reference_models import MMDIT_LATENT_SIZES as LATENT_SIZES
-from reference_models import diffusers_transformer, perturb, relative_error
-from reference_models import mmdit_inputs as inputs
 from sd3train.checkpoint.mmdit_diffusers import OFFICIAL_PREFIX, diffusers_to_official, official_to_diffusers
 from sd3train.model.embeddings import sincos_2d_table, timestep_frequencies
 from sd3train.model.mmdit import MMDiT
+from tests.support.reference_models import MMDIT_DEPTH as DEPTH
+from tests.support.reference_models import MMDIT_LATENT_SIZES as LATENT_SIZES
+from tests.support.reference_models import MMDIT_VARIANTS as CONFIGS
+from tests.support.reference_models import diffusers_transformer, perturb, relative_error
+from tests.support.reference_models import mmdit_inputs as inputs
 
 diffusers = pytest.importorskip("diffusers")
 

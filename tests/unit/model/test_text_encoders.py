@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference_models import reference_sd3_layout, text_config
+from sd3train.checkpoint.components import text_conditioner_from_config
 from sd3train.model.text_encoders import TextConditioner, sample_keep_mask
+from tests.support.reference_models import reference_sd3_layout, text_config
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = ["a red circle on a white background", "A photo of 3 dogs!", ""]
@@ -19,7 +20,7 @@ LC, LT, DL, DG, DT, PL, PG = 16, 16, 32, 64, 128, 32, 64
 
 @pytest.fixture(scope="module")
 def conditioner() -> TextConditioner:
-    return TextConditioner.from_config(text_config("tiny"))
+    return text_conditioner_from_config(text_config("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +129,12 @@ def test_assemble_rejects_clip_wider_than_t5(outputs):
 def test_same_init_seed_gives_identical_weights(conditioner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative tokenizer paths resolve against the repo root, not the cwd
     global_state = torch.random.get_rng_state()
-    again = TextConditioner.from_config(text_config("tiny"))
+    again = text_conditioner_from_config(text_config("tiny"))
     assert torch.equal(torch.random.get_rng_state(), global_state)
     reference = conditioner.state_dict()
     assert reference.keys() == again.state_dict().keys()
     assert all(torch.equal(reference[key], value) for key, value in again.state_dict().items())
-    other = TextConditioner.from_config(text_config("tiny", init_seed=1)).state_dict()
+    other = text_conditioner_from_config(text_config("tiny", init_seed=1)).state_dict()
     key = "clip_l.text_model.embeddings.token_embedding.weight"
     assert not torch.equal(reference[key], other[key])
 
@@ -154,25 +155,25 @@ def test_weights_folder_in_diffusers_layout(conditioner, tmp_path):
     for model, subfolder in ((conditioner.clip_l, "text_encoder"), (conditioner.clip_g, "text_encoder_2"),
                              (conditioner.t5, "text_encoder_3")):
         model.save_pretrained(tmp_path / subfolder)
-    loaded = TextConditioner.from_config(text_config("tiny", weights=str(tmp_path), init_seed=3))
+    loaded = text_conditioner_from_config(text_config("tiny", weights=str(tmp_path), init_seed=3))
     assert all(torch.equal(a, b) for a, b in zip(loaded.encode(PROMPTS), conditioner.encode(PROMPTS)))
     wider = dataclasses.replace(text_config("tiny").clip_l, hidden_size=48)
     with pytest.raises(ValueError, match="clip_l.hidden_size: config 48"):
-        TextConditioner.from_config(text_config("tiny", weights=str(tmp_path), clip_l=wider))
+        text_conditioner_from_config(text_config("tiny", weights=str(tmp_path), clip_l=wider))
 
 
 def test_missing_paths_are_named_in_the_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="text_encoder_3/config.json"):
-        TextConditioner.from_config(text_config("tiny", weights=str(tmp_path)))
+        text_conditioner_from_config(text_config("tiny", weights=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "data/tokenizers/t5_tiny")):
-        TextConditioner.from_config(text_config("tiny"), repo_root=tmp_path)
+        text_conditioner_from_config(text_config("tiny"), repo_root=tmp_path)
 
 
 def test_clip_lengths_must_match():
     config = text_config("tiny")
     config.clip_g = dataclasses.replace(config.clip_g, max_length=8)
     with pytest.raises(ValueError, match="max_length differ"):
-        TextConditioner.from_config(config)
+        text_conditioner_from_config(config)
 
 
 def test_shipped_text_configs_match_the_schema():
@@ -191,7 +192,7 @@ def test_matches_diffusers_encode_prompt(conditioner):
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTokenizer
 
-    from sd3train.model.tokenizers import clip_tokenizer_folder, load_t5_tokenizer
+    from sd3train.checkpoint.tokenizer_files import clip_tokenizer_folder, load_t5_tokenizer
 
     folder = str(clip_tokenizer_folder())
     pipe = StableDiffusion3Pipeline(
@@ -216,8 +217,8 @@ def test_init_is_bit_identical_in_another_process(conditioner):
         "import hashlib, yaml, dataclasses, sys\n"
         f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(REPO_ROOT / 'tests')!r}]\n"
         "from test_text_encoders import text_config\n"
-        "from sd3train.model.text_encoders import TextConditioner\n"
-        "state = TextConditioner.from_config(text_config('tiny')).state_dict()\n"
+        "from sd3train.checkpoint.components import text_conditioner_from_config\n"
+        "state = text_conditioner_from_config(text_config('tiny')).state_dict()\n"
         "digest = hashlib.sha256(b''.join(state[k].numpy().tobytes() for k in sorted(state)))\n"
         "print(digest.hexdigest())\n"
     )

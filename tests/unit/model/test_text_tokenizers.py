@@ -5,16 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd3train.data.shapes import all_specs
-from sd3train.model.tokenizers import (
-    CLIP_BOS_ID,
-    CLIP_EOS_ID,
-    PromptTokenizer,
+from sd3train.checkpoint.tokenizer_files import (
     clip_tokenizer_folder,
     derive_clip_vocab,
     load_clip_tokenizer,
     load_t5_tokenizer,
 )
+from sd3train.data.shapes import all_specs
+from sd3train.model.tokenizers import CLIP_BOS_ID, CLIP_EOS_ID, PromptTokenizer
 from sd3train.tools.make_t5_tokenizer import DEFAULT_SEED, DEFAULT_VOCAB_SIZE, write_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd3train.config.schema import VAEConfig
 from sd3train.checkpoint import CheckpointError
+from sd3train.checkpoint.components import vae_from_config
+from sd3train.config.schema import VAEConfig
 from sd3train.model.vae import VAE, Downsample
 
 TINY = dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4)
@@ -88,7 +89,7 @@ def test_load_reports_the_first_missing_key_and_the_file(tmp_path):
     del state["decoder.mid_block.attentions.0.to_q.weight"]
     save_file(state, str(tmp_path / "my.safetensors"))
     with pytest.raises(CheckpointError, match=r"my\.safetensors.*missing.*'decoder\.mid_block\.attentions\.0\.to_q\.weight'"):
-        VAE.from_config(VAEConfig(**TINY, weights=str(tmp_path / "my.safetensors")))
+        vae_from_config(VAEConfig(**TINY, weights=str(tmp_path / "my.safetensors")))
 
 
 def test_weights_of_another_architecture_are_refused_naming_the_file_and_field(tmp_path):
@@ -97,7 +98,7 @@ def test_weights_of_another_architecture_are_refused_naming_the_file_and_field(t
     path = tmp_path / "vae.safetensors"
     save_file(state, str(path))
     with pytest.raises(ValueError, match=r"(?s)vae\.weights=.*vae\.safetensors.*vae\.use_quant_conv: the config says False"):
-        VAE.from_config(VAEConfig(**TINY, weights=str(path)))
+        vae_from_config(VAEConfig(**TINY, weights=str(path)))
 
 
 def test_load_rejects_a_shape_mismatch_naming_the_key(tmp_path):
@@ -105,7 +106,7 @@ def test_load_rejects_a_shape_mismatch_naming_the_key(tmp_path):
     state["decoder.conv_out.bias"] = torch.zeros(4)  # 4 output channels where the model has 3
     save_file(state, str(tmp_path / "vae.safetensors"))
     with pytest.raises(CheckpointError, match=r"'decoder\.conv_out\.bias' has shape \(4,\), the model expects \(3,\)"):
-        VAE.from_config(VAEConfig(**TINY, weights=str(tmp_path / "vae.safetensors")))
+        vae_from_config(VAEConfig(**TINY, weights=str(tmp_path / "vae.safetensors")))
 
 
 def test_weights_load_from_a_diffusers_style_folder(tmp_path):
@@ -114,14 +115,14 @@ def test_weights_load_from_a_diffusers_style_folder(tmp_path):
         for parameter in source.parameters():
             parameter.add_(0.01)
     save_file(source.state_dict(), str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    loaded = VAE.from_config(VAEConfig(**TINY, weights=str(tmp_path)))
+    loaded = vae_from_config(VAEConfig(**TINY, weights=str(tmp_path)))
     for key, tensor in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
 
 
 def test_missing_weights_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        VAE.from_config(VAEConfig(**TINY, weights=str(tmp_path / "nowhere")))
+        vae_from_config(VAEConfig(**TINY, weights=str(tmp_path / "nowhere")))
 
 
 def test_a_bf16_vae_takes_fp32_images_and_latents():

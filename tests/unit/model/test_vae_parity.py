@@ -7,10 +7,10 @@ VAE with identity keys and give the same posterior and decoded images in fp32.
 import pytest
 import torch
 
-from reference_models import VAE_SIZES as SIZES
-from reference_models import diffusers_vae, relative_error
 from sd3train.config.schema import VAEConfig
 from sd3train.model.vae import VAE
+from tests.support.reference_models import VAE_SIZES as SIZES
+from tests.support.reference_models import diffusers_vae, relative_error
 
 diffusers = pytest.importorskip("diffusers")
 

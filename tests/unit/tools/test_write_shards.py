@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sd3train.data.shards import read_manifest, sha256_file, verify_shards
+from sd3train.data.tar_writer import read_manifest, sha256_file, verify_shards
 from sd3train.tools.write_shards import main
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sd3train.data.shards import EncodedImage, ShardSample, write_shards
+from sd3train.data.tar_writer import EncodedImage, ShardSample, write_shards
 
 # (width, height): square, landscape and portrait shapes, so a 64^2 bucket set gets several buckets.
 PHOTO_SIZES = ((64, 64), (96, 56), (56, 96), (80, 72), (120, 60), (60, 120))

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
+from omegaconf import OmegaConf
 
+from sd3train.config.compose import compose_raw
 from sd3train.config.schema import CLIPEncoderConfig, T5EncoderConfig, TextConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 T5_TINY_TOKENIZER = REPO_ROOT / "data" / "tokenizers" / "t5_tiny"
 
 # Shaped like the released models at toy size: (qk_norm, dual_attention_layers).
@@ -100,8 +101,9 @@ def diffusers_vae(block_out_channels, layers_per_block, norm_num_groups, *, pert
 
 
 def text_config(name: str, **overrides) -> TextConfig:
-    """A shipped conf/text YAML as a TextConfig; unknown keys raise TypeError."""
-    data = yaml.safe_load((REPO_ROOT / "conf" / "text" / f"{name}.yaml").read_text())
+    """The shipped `text=<name>` option as a TextConfig (the schema's defaults with conf/text/<name>.yaml
+    on top; a required value left out stays '???'); unknown keys raise TypeError."""
+    data = OmegaConf.to_container(compose_raw([f"text={name}"]).text)
     data["clip_l"] = CLIPEncoderConfig(**data["clip_l"])
     data["clip_g"] = CLIPEncoderConfig(**data["clip_g"])
     data["t5"] = T5EncoderConfig(**data["t5"])
@@ -129,10 +131,10 @@ def tiny_sd3_pipeline(shift: float = 3.0, seed: int = 1):
     import diffusers
     from transformers import CLIPTokenizer
 
-    from sd3train.model.text_encoders import TextConditioner
-    from sd3train.model.tokenizers import clip_tokenizer_folder, load_t5_tokenizer
+    from sd3train.checkpoint.components import text_conditioner_from_config
+    from sd3train.checkpoint.tokenizer_files import clip_tokenizer_folder, load_t5_tokenizer
 
-    text = TextConditioner.from_config(text_config("tiny"))
+    text = text_conditioner_from_config(text_config("tiny"))
     clip_length, t5_length = text.tokenizers["clip_l"].max_length, text.tokenizers["t5"].max_length
     folder = str(clip_tokenizer_folder())
     transformer = diffusers_transformer("sd3.5-large", in_channels=16, context_dim=text.context_dim,

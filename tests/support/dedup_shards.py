@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sd3train.data.shards import EncodedImage, ShardSample, write_shards
+from sd3train.data.tar_writer import EncodedImage, ShardSample, write_shards
 
 
 def distinct_image(rng: np.random.Generator) -> Image.Image:
