@@ -45,7 +45,8 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_and_the_reru
                                    start_new_session=True)  # its own process group: kill it and its children
         try:
             deadline = time.monotonic() + 120
-            while not staged.exists():
+            # Killed only once the pause has begun: without it, the kill would race the publish.
+            while not (staged.exists() and "(PauseBeforePublish)" in (tmp_path / "killed.log").read_text()):
                 assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "step 4 was never staged"
                 time.sleep(0.05)
