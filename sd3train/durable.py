@@ -16,6 +16,7 @@ directories (what makes a rename durable) only where the filesystem can fsync on
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import tempfile
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import IO
 
 TEMP_MARK = ".tmp-"
+# What a filesystem that cannot open or fsync a directory answers (some network and FUSE
+# filesystems); any other error (EIO, ENOSPC) is a failed write and raised.
+_NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR,
+                                 errno.EACCES, errno.EPERM})
 
 
 def with_default_mode(path: Path) -> Path:
@@ -63,12 +68,15 @@ def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable (where the filesystem can fsync a directory)."""
     try:
         descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
+    except OSError as error:
+        if error.errno in _NO_DIRECTORY_FSYNC:
+            return
+        raise
     try:
         os.fsync(descriptor)
-    except OSError:  # some filesystems cannot fsync a directory
-        pass
+    except OSError as error:
+        if error.errno not in _NO_DIRECTORY_FSYNC:
+            raise
     finally:
         os.close(descriptor)
 

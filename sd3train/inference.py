@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import nn
 
 from sd3train.config.schema import SamplerConfig
 from sd3train.diffusion.sampler import euler_sample
+from sd3train.durable import replace, sync, temporary_file
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -80,7 +82,12 @@ def write_samples(out_dir: Path, images: list[np.ndarray], prompts: list[str], s
         Image.fromarray(image).save(out_dir / name)
         records.append({"prompt": prompt, "seed": seed, "file": name})
     manifest = out_dir / "samples.jsonl"
-    tmp = manifest.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
-    tmp.replace(manifest)
+    descriptor, temporary = temporary_file(out_dir, manifest.name)
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write("".join(json.dumps(record) + "\n" for record in records))
+            sync(stream)
+        replace(temporary, manifest)
+    finally:
+        temporary.unlink(missing_ok=True)
     return manifest

@@ -5,7 +5,7 @@
     python -m sd3train.train --cfg job experiment=tiny_cpu   # print the composed config
 
 Everything is checked before a model is built; a bad override exits with status 2 and a list of
-every problem. Exit statuses: sd3train/runtime/exit_codes.py (README, "Exit statuses").
+every problem (all exit statuses: sd3train/runtime/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -29,13 +29,10 @@ from sd3train.config.schema import TrainConfig  # noqa: E402
 from sd3train.config.typed import ConfigError, to_plain  # noqa: E402
 from sd3train.config.validate import load_config  # noqa: E402
 from sd3train.paths import CONF_DIR, run_dir_of, sweep_run_name  # noqa: E402
-from sd3train.runtime.exit_codes import (  # noqa: E402
-    CONFIG_EXIT_CODE,
-    DATA_BUDGET_EXIT_CODE,
-    FINISHED,
-    NONFINITE_EXIT_CODE,
-    OOM_EXIT_CODE,
-)
+from sd3train.runtime.exit_codes import (CONFIG_EXIT_CODE, DATA_BUDGET_EXIT_CODE, FINISHED,  # noqa: E402
+                                         NONFINITE_EXIT_CODE, OOM_EXIT_CODE, out_of_memory_report)
+
+register_schema_defaults()  # conf/config.yaml starts from them; Hydra composes before _hydra_main runs
 
 
 def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> int | None:
@@ -66,7 +63,10 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> int | None:
     data.setup()
     module = SD3LitModule(cfg)
     trainer, stop_on_preemption = build_trainer(cfg, run_dir, extra_callbacks)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    finally:  # Lightning skips the datamodule's teardown when fit raises: stop the loader workers anyway
+        data.teardown("fit")
     return stop_on_preemption.stopped_at
 
 
@@ -90,11 +90,7 @@ def run_to_end(cfg: TrainConfig, extra_callbacks: tuple = ()) -> tuple[int, bool
             return CONFIG_EXIT_CODE, False
         return (NONFINITE_EXIT_CODE if isinstance(error, NonFiniteError) else DATA_BUDGET_EXIT_CODE), False
     except torch.OutOfMemoryError as error:
-        rank = os.environ.get("RANK", "0")
-        summary = torch.cuda.memory_summary(abbreviated=True) if torch.cuda.is_available() else "(no CUDA device)"
-        print(f"sd3train-train: out of memory on rank {rank}: {str(error).splitlines()[0]}\n{summary}\n"
-              "No checkpoint was written for the failed step; lower data.batch_size, turn on "
-              "model.activation_checkpointing, or shard more (strategy=zero2|zero3).", file=sys.stderr)
+        print(f"sd3train-train: {out_of_memory_report(error)}", file=sys.stderr)
         return OOM_EXIT_CODE, False
     if stopped_at is not None:
         return requeue_after_preemption(stopped_at), False
@@ -109,7 +105,6 @@ def _hydra_main(raw: DictConfig) -> None:
     # Again here: a sweep job launched by submitit runs this function unpickled, without importing
     # this module (under `python -m sd3train.train` it is pickled by value).
     preemption.install_handler()
-    register_schema_defaults()
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         raw.run_name = sweep_run_name(raw.run_name, hydra_cfg.job.num, list(hydra_cfg.overrides.task))

@@ -43,12 +43,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from sd3train.bench.flops import training_step_flops
 from sd3train.bench.peak import peak_tflops
 from sd3train.checkpoint.export_diffusers import transformer_config
 from sd3train.checkpoint.mmdit_diffusers import official_to_diffusers
+from sd3train.config.compose import group_option
 from sd3train.config.schema import ModelConfig
 from sd3train.config.typed import ConfigError, build_typed
 from sd3train.model.mmdit import TIMESTEP_SCALE, MMDiT
@@ -121,7 +121,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     if not path.is_file():
         names = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ConfigError([f"--model: no {path.name} in conf/model (there are: {', '.join(names)})"])
-    data = yaml.safe_load(path.read_text())
+    data = group_option("model", args.model)
     overrides = {"depth": args.depth, "hidden_size": args.hidden, "num_heads": args.heads}
     data.update({key: value for key, value in overrides.items() if value is not None})
     if args.qk_norm is not None:

@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
-import yaml
 
+from sd3train.config.compose import group_option
 from sd3train.config.schema import ModelConfig
 from sd3train.config.typed import build_typed
 from sd3train.model.mmdit import MMDiT
-from sd3train.paths import REPO_ROOT
 
 PROG = "python -m sd3train.bench.zero_memory"
 BYTES_PER_PARAMETER = {"ddp": lambda n: 16.0, "zero1": lambda n: 4 + 12 / n, "zero2": lambda n: 2 + 14 / n,
@@ -42,8 +40,7 @@ TRAFFIC = {"ddp": 1.0, "zero1": 1.0, "zero2": 1.0, "zero3": 1.5}
 
 
 def parameter_count(model_name: str) -> int:
-    plain = yaml.safe_load((Path(REPO_ROOT) / "conf" / "model" / f"{model_name}.yaml").read_text())
-    cfg, problems = build_typed(ModelConfig, plain)
+    cfg, problems = build_typed(ModelConfig, group_option("model", model_name))
     if problems:
         raise ValueError(f"conf/model/{model_name}.yaml: {problems}")
     with torch.device("meta"):

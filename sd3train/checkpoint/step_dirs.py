@@ -65,19 +65,20 @@ def step_of(path: Path) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def read_marker(step_dir: Path) -> Optional[dict]:
-    """The COMPLETE marker of a published step directory; None unless the marker parses, names the
-    directory's own step and the checkpoint beside it exists."""
-    step = step_of(step_dir)
-    if step is None:
-        return None
+def read_marker(step_dir: Path, *, named_by_step: bool = True) -> Optional[dict]:
+    """The COMPLETE marker of a published step directory; None unless the marker parses, the
+    checkpoint beside it exists and (`named_by_step`, what resume and retention need) the directory
+    is named `step-N` for the marker's own step. A copy under another name passes with
+    `named_by_step=False`, which is how checkpoints are read for export and sampling."""
     try:
-        marker = json.loads((step_dir / COMPLETE_MARKER).read_text())
+        marker = json.loads((Path(step_dir) / COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or type(marker.get("step")) is not int or marker["step"] != step:
+    if not isinstance(marker, dict) or type(marker.get("step")) is not int:
         return None
-    if not (step_dir / TRAINING_CHECKPOINT_FILE).exists():
+    if named_by_step and marker["step"] != step_of(step_dir):
+        return None
+    if not (Path(step_dir) / TRAINING_CHECKPOINT_FILE).exists():
         return None
     return marker
 
@@ -113,14 +114,17 @@ def last_target(checkpoint_dir: Path) -> Optional[Path]:
 
 def training_checkpoint_file(path: Path) -> Path:
     """The Lightning checkpoint that `path` names: a step directory (or the `last` symlink to one)
-    gives the `checkpoint.ckpt` inside it, which must carry a valid marker; any other path is
-    returned as it is. IncompleteCheckpointError for a step directory that was never completed
+    gives the `checkpoint.ckpt` inside it, which must carry a marker that parses (under any
+    directory name: a copied step directory reads too); any other path is returned as it is. IncompleteCheckpointError for a step directory that was never completed
     (a run stopped while writing it), a staging directory included."""
-    path = Path(path)
+    return _checkpoint_inside(Path(path), named_by_step=False)
+
+
+def _checkpoint_inside(path: Path, named_by_step: bool) -> Path:
     inner = path / TRAINING_CHECKPOINT_FILE
     if not path.is_dir() or not inner.exists():
         return path
-    if read_marker(path.resolve()) is None:
+    if read_marker(path.resolve(), named_by_step=named_by_step) is None:
         raise IncompleteCheckpointError(
             f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker): the run stopped while writing "
             f"it. Use an older step directory, or {inner} itself if you know it is whole."
@@ -136,7 +140,7 @@ def resolve_resume_path(path: str | Path) -> Path:
     for anything else, a staging directory included."""
     path = Path(path)
     if path.is_dir() and (path / TRAINING_CHECKPOINT_FILE).exists():
-        return training_checkpoint_file(path)
+        return _checkpoint_inside(path, named_by_step=True)  # resume picks by the directory's step
     if path.is_dir() and (path / LAST_LINK).is_symlink():  # a checkpoints/ directory
         latest = latest_complete_checkpoint(path)
         if latest is None:

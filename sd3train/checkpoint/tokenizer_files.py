@@ -19,12 +19,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import CLIPTokenizer, T5Tokenizer
 
 from sd3train.config.schema import TextConfig
+from sd3train.durable import fsync_tree, temporary_dir
 from sd3train.model.tokenizers import CLIP_BOS_ID, CLIP_BOS_TOKEN, CLIP_EOS_ID, CLIP_EOS_TOKEN, CLIP_VOCAB_SIZE
 from sd3train.paths import REPO_ROOT
 
@@ -117,9 +117,10 @@ def clip_tokenizer_folder(root: Path | None = None) -> Path:
     if (folder / "tokenizer_config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{_CLIP_CACHE_NAME}-", dir=folder.parent))
+    staging = temporary_dir(folder.parent, _CLIP_CACHE_NAME)
     try:
         write_clip_tokenizer_files(staging)
+        fsync_tree(staging)
         try:
             os.rename(staging, folder)
         except OSError:

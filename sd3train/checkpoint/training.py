@@ -47,14 +47,21 @@ class TrainingCheckpoint:
         return LIGHTNING_PREFIXES["ema" if self.has("ema") else "transformer"]
 
 
+# Settings older sd3train versions stored in checkpoints and that no longer exist; read, then dropped.
+RETIRED_KEYS = {"trainer": ("debug_nan_loss_steps", "debug_checkpoint_delay_s", "debug_reseed_on_resume",
+                            "debug_step_delay_s")}
+
+
 def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     checkpoint = read_lightning_checkpoint(path)
     if "sd3train_config" not in checkpoint:
         raise CheckpointError(f"{path} has no sd3train_config: not a checkpoint written by sd3train-train")
     plain = dict(checkpoint["sd3train_config"])
+    for section, keys in RETIRED_KEYS.items():
+        plain[section] = {key: value for key, value in plain.get(section, {}).items() if key not in keys}
     # Where the run resumed from or started from does not matter for its weights, and those paths
-    # need not exist on the machine that loads the checkpoint.
-    plain["trainer"] = {**plain.get("trainer", {}), "resume": "never"}
+    # need not exist on the machine that loads the checkpoint; nor do the callbacks it trained with.
+    plain["trainer"] = {**plain.get("trainer", {}), "resume": "never", "callbacks": []}
     plain["paths"] = {**plain.get("paths", {}), "pretrained": None}
     # The weights a run started from are in the checkpoint now; a frozen component it did not save
     # (see the module docstring) still comes from the file its config names.

@@ -2,6 +2,7 @@
 
     cfg = compose_config(["experiment=tiny_cpu", "trainer.max_steps=20"])   # a validated TrainConfig
     raw = compose_raw(["experiment=tiny_cpu"])                              # the DictConfig, unchecked
+    model = group_option("model", "sd3_medium")                             # one group's plain values
 
 Every composed config starts from `SCHEMA_DEFAULTS_NAME`: the defaults of the dataclasses in
 `sd3train.config.schema`, registered in Hydra's ConfigStore as a plain mapping (a required field is
@@ -47,7 +48,8 @@ def schema_defaults(cls: type) -> dict[str, Any]:
 
 def register_schema_defaults() -> None:
     """Put the schema's defaults into Hydra's ConfigStore (idempotent), where conf/config.yaml's
-    defaults list finds them first."""
+    defaults list finds them first. Whatever composes conf/ calls it first: `compose_raw` does, and
+    sd3train/train.py before Hydra's main."""
     ConfigStore.instance().store(name=SCHEMA_DEFAULTS_NAME, node=schema_defaults(TrainConfig))
 
 
@@ -58,8 +60,17 @@ def compose_raw(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
     from sd3train.config.overrides import normalise_overrides
 
+    register_schema_defaults()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name="config", overrides=normalise_overrides(list(overrides)))
+
+
+def group_option(group: str, option: str) -> dict[str, Any]:
+    """The plain values `<group>=<option>` gives (conf/<group>/<option>.yaml over the schema's
+    defaults; a required value left unset stays '???'), e.g. group_option("model", "sd3_medium")."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose_raw([f"{group}={option}"])[group], resolve=True)
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

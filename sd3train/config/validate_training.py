@@ -3,10 +3,8 @@ arithmetic, checkpoint retention, the non-finite guard and the user's callbacks.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from sd3train.config.schema import TrainConfig
+from sd3train.runtime.dotted import import_object
 
 STRATEGIES = ("ddp", "deepspeed")
 BACKENDS = (None, "nccl", "gloo", "mpi")
@@ -55,7 +53,7 @@ def trainer_problems(cfg: TrainConfig) -> list[str]:
     for index, path in enumerate(trainer.callbacks):
         try:
             import_object(path)
-        except (ImportError, AttributeError, ValueError, TypeError) as error:
+        except Exception as error:  # noqa: BLE001  (a user's module may raise anything on import)
             problems.append(f"trainer.callbacks[{index}]: {error}")
     if trainer.global_batch_size is not None:
         world = trainer.devices * trainer.num_nodes
@@ -68,20 +66,3 @@ def trainer_problems(cfg: TrainConfig) -> list[str]:
             )
     return problems
 
-
-def import_object(path: str) -> Any:
-    """The callable a dotted path names (`package.module.Name`), imported; ValueError, ImportError,
-    AttributeError or TypeError saying what is wrong with `path`."""
-    module_name, _, name = path.rpartition(".")
-    if not module_name or not name:
-        raise ValueError(f"{path!r} is not a dotted path (package.module.Name)")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ImportError(f"cannot import {module_name!r} for {path!r}: {error}") from error
-    if not hasattr(module, name):
-        raise AttributeError(f"module {module_name!r} has no {name!r}")
-    found = getattr(module, name)
-    if not callable(found):
-        raise TypeError(f"{path!r} is a {type(found).__name__}, not a class or function")
-    return found

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------- config
 
 
-def compose_config(overrides: list[str]):
+def compose_or_usage_error(overrides: list[str]):
     """The validated TrainConfig for `overrides`, composed as sd3train-train composes it (shard specs
     as it takes them: braces unquoted, or expanded by the shell)."""
     from sd3train.config.compose import compose_raw
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     task_index, num_tasks = resolve_task(args.task_index, args.num_tasks)
-    cfg = compose_config(args.overrides)
+    cfg = compose_or_usage_error(args.overrides)
     data = cfg.data
     if data.sources:
         raise UsageError("data.sources is not supported here: precompute each source's shards with "

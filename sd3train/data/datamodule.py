@@ -174,7 +174,8 @@ class ShardDataModule(lightning.LightningDataModule):
 
         self.train_batches = TrainBatches(
             self.position, make_dataset, num_workers=self.cfg.num_workers, consume_when_handed_out=self.trainer is None,
-            batch_size=self.cfg.batch_size, rank=rank, world_size=world_size, shard_spec=self.shard_spec,
+            describe=f"of {self.cfg.batch_size} on rank {rank}: too few usable samples for {world_size} rank(s) x "
+                     f"{max(1, self.cfg.num_workers)} worker(s) in {self.shard_spec!r}",
         )
         return self.train_batches
 

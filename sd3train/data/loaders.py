@@ -94,17 +94,13 @@ class TrainBatches:
         *,
         num_workers: int,
         consume_when_handed_out: bool,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        shard_spec: str,
+        describe: str,
     ):
         self._position = position
         self._make_dataset = make_dataset
         self._num_workers = num_workers
         self._consume_when_handed_out = consume_when_handed_out
-        # For the message of an epoch that gave no batch.
-        self._batch_size, self._rank, self._world_size, self._shard_spec = batch_size, rank, world_size, shard_spec
+        self._describe = describe  # what the stream is, for the error of an epoch that gave no batch
         self._loader: Optional[DataLoader] = None
         self._loader_epoch = -1  # the epoch the loader's next iter() streams
         self.wait_seconds = 0.0  # time spent waiting for the loader, for data/wait_fraction
@@ -159,9 +155,6 @@ class TrainBatches:
                     position.consume(batch)
                 yield batch
             if handed == 0 and not position.resumed_mid_epoch(epoch):
-                raise RuntimeError(
-                    f"epoch {epoch} gave no batch of {self._batch_size} on rank {self._rank}: too few usable samples "
-                    f"for {self._world_size} rank(s) x {max(1, self._num_workers)} worker(s) in {self._shard_spec!r} "
-                    f"(skipped so far: {dict(position.skipped) or 'none'})"
-                )
+                raise RuntimeError(f"epoch {epoch} gave no batch {self._describe} "
+                                   f"(skipped so far: {dict(position.skipped) or 'none'})")
             epoch += 1

@@ -93,7 +93,8 @@ class StreamPosition:
             self._tails[(cursor["epoch"], worker)] = cursor
 
     def resume_point(self) -> tuple[int, dict[int, Replay]]:
-        """The epoch to stream next and, for a part-way epoch, where each worker picks up."""
+        """The epoch to stream next and, for a part-way epoch, where each worker picks up. A part-way
+        epoch is remembered for `resumed_mid_epoch`: the stream asks this once, when it starts."""
         counted = {worker for epoch, worker in self._tails_counted if epoch == self.epoch}
         if not any(self.consumed_in_epoch) and not counted:
             return self.epoch, {}

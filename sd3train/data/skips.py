@@ -1,10 +1,10 @@
 """Bad data: samples skipped per reason, a rate-limited log, and the budget that stops a run.
 
-A skipped sample never stops training by itself; too many do. The datamodule keeps one
-`SkipLedger` per rank, fed by the workers' reports as batches are consumed; its `check_budget`
-raises `DataBudgetError` (naming the budget and the shard with most skips) when the bad fraction
-of the samples that rank read passes `data.skip_budget`, or the fraction of shards that could not
-be read to the end does. Blocklisted keys are counted but are not "bad".
+A skipped sample never stops training by itself; too many do. The stream position
+(sd3train/data/position.py) keeps one `SkipLedger` per rank, fed by the workers' reports as batches
+are consumed; its `check_budget` raises `DataBudgetError` (naming the budget and the shard with
+most skips) when the bad fraction of the samples that rank read passes `data.skip_budget`, or the
+fraction of shards that could not be read to the end does. Blocklisted keys are counted but are not "bad".
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ is emitted once `batch_size` decoded samples are ready.
 
 Every item carries `DATA_KEY`: {"epoch", "worker", "index" (1-based batch number of this worker in
 this epoch), "read", "skipped" {reason: n}, "bad_by_shard", "failed" [(url, key)], "shards_opened",
-"shards_lost"}, the counts being what happened since the worker's previous batch. The datamodule
-records them when a batch is *consumed*. A worker ends its epoch with a `"tail"` item holding the
+"shards_lost"}, the counts being what happened since the worker's previous batch. The stream
+position (sd3train/data/position.py) records them when a batch is *consumed*. A worker ends its epoch with a `"tail"` item holding the
 counts after its last batch (no samples).
 
 Resume (`Replay`): the worker runs the same stream with `probe` only (no pixel decoding; the tar
@@ -25,7 +25,7 @@ bytes are read again), treating the recorded failures as decode failures on arri
 has formed `skip_batches` batches (checked against the digest of the last consumed batch's keys);
 then it carries on live. A batch holds the first `batch_size` samples of its bucket that decode,
 either way. `placeholder` makes the worker first emit one empty item, which puts DataLoader's
-round-robin back on the worker whose turn was next (the datamodule drops it).
+round-robin back on the worker whose turn was next (`TrainBatches` drops it).
 """
 
 from __future__ import annotations

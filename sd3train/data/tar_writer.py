@@ -24,6 +24,8 @@ from typing import Any, NamedTuple, Optional, Union
 
 from PIL import Image
 
+from sd3train.durable import replace, sync, temporary_file
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 # Fixed tar header fields: reproducible shards need them independent of the clock and the user.
@@ -169,9 +171,14 @@ def read_manifest(out_dir: Union[str, Path]) -> Optional[dict[str, Any]]:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    descriptor, temporary = temporary_file(path.parent, path.name)
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            sync(stream)
+        replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def verify_shards(out_dir: Union[str, Path], entries: list[dict], check_sha256: bool = True) -> list[str]:
@@ -203,9 +210,9 @@ def _write_one_shard(path: Path, samples: list[Sample], image_format: str) -> di
     # Imported here: webdataset imports torch (about 3 s), which an up-to-date check never needs.
     import webdataset as wds
 
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    descriptor, temporary = temporary_file(path.parent, path.name)
     try:
-        with open(temporary, "wb") as stream:
+        with os.fdopen(descriptor, "wb") as stream:
             # encoder=False: we hand TarWriter bytes we encoded with fixed settings.
             writer = wds.TarWriter(
                 stream, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False
@@ -213,12 +220,10 @@ def _write_one_shard(path: Path, samples: list[Sample], image_format: str) -> di
             for sample in samples:
                 writer.write(_record(sample, image_format))
             writer.close()
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
+            sync(stream)
+        replace(temporary, path)
     finally:
-        if temporary.exists():
-            temporary.unlink()
+        temporary.unlink(missing_ok=True)
     return {"name": path.name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 

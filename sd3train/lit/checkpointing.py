@@ -7,7 +7,7 @@ rank; rank 0 alone writes the config and marker, publishes and prunes, between b
 saved right after a step the non-finite guard skipped.
 
     checkpointer = AtomicCheckpoint(run_dir, cfg, every_n_steps=500, keep=3)
-    checkpointer.before_publish.append(lambda step, staging_dir: copy_elsewhere(staging_dir))
+    checkpointer.before_publish.append(lambda step, staging_dir: check_before_publishing(staging_dir))
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ class AtomicCheckpoint(Checkpoint):
 
     `before_publish`: callables `(step, staging_dir)` that rank 0 calls once every rank has written
     and flushed the checkpoint, with checkpoint.ckpt and config.yaml in `staging_dir` and no marker
-    yet, just before it is published: to copy a checkpoint elsewhere, or for a test to stop there.
+    yet, just before it is published: to check it, or for a test to stop there (the kill test). The
+    other ranks wait at a barrier meanwhile, so a slow hook counts against the collective timeout,
+    and one that raises fails the run with the checkpoint unpublished (the previous one stays the
+    one resume picks).
 
     A Lightning `Checkpoint`: the Trainer runs it after the other callbacks (so their state in the
     checkpoint is that of the step) and adds no ModelCheckpoint of its own beside it.

@@ -81,7 +81,7 @@ def _ignore_sigterm_from_now(trainer) -> None:
 
 def _validation_due(trainer) -> bool:
     """Whether the batch just ended is one Lightning validates after anyway (val_check_interval
-    counted in batches, check_val_every_n_epoch=None, as sd3train/train.py sets them)."""
+    counted in batches, check_val_every_n_epoch=None, as sd3train/lit/trainer.py sets them)."""
     every = trainer.val_check_batch
     if not isinstance(every, int) or every <= 0:
         return False

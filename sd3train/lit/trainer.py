@@ -4,9 +4,10 @@
     trainer.fit(module, datamodule=data, ckpt_path=...)
     stop.stopped_at          # the step checkpointed for a preemption stop, else None
 
-Callbacks run in this order: data metrics, the atomic checkpoint, the preemption stop, previews and
-evaluation, the progress bar, then the dotted paths of `trainer.callbacks`, then `extra_callbacks`
-(what an in-process caller such as a test adds).
+Callbacks run in this order: data metrics, the preemption stop, previews and evaluation, the
+progress bar, the dotted paths of `trainer.callbacks`, `extra_callbacks` (what an in-process caller
+such as a test adds), and last the atomic checkpoint (Lightning runs every `Checkpoint` after the
+other callbacks, so their state in it is that of the step).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from sd3train.config.schema import TrainConfig
-from sd3train.config.validate_training import import_object
 from sd3train.lit.callbacks import DataMetrics, PreviewAndEvaluate, StepProgressBar
 from sd3train.lit.checkpointing import AtomicCheckpoint
 from sd3train.lit.loggers import build_loggers
 from sd3train.lit.preemption import StopOnPreemption
 from sd3train.lit.strategy import build_strategy
+from sd3train.runtime.dotted import import_object
 
 
 def srun_tasks(world_size: int, environ: Mapping[str, str] = os.environ) -> bool:
@@ -41,7 +42,14 @@ def srun_tasks(world_size: int, environ: Mapping[str, str] = os.environ) -> bool
 
 def user_callbacks(paths: Sequence[str]) -> list[L.Callback]:
     """One callback per dotted path of `trainer.callbacks` (a class or factory, called without arguments)."""
-    return [import_object(path)() for path in paths]
+    callbacks = []
+    for index, path in enumerate(paths):
+        callback = import_object(path)()
+        if not isinstance(callback, L.Callback):
+            raise TypeError(f"trainer.callbacks[{index}]: {path} gave a {type(callback).__name__}, "
+                            "not a Lightning Callback")
+        callbacks.append(callback)
+    return callbacks
 
 
 def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.Callback] = ()

@@ -40,7 +40,9 @@ class ReseedOnResume(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step > 0:
-            pl_module.cfg.trainer.seed += 1
+            # Other names of the per-step streams; the config (saved in later checkpoints) is left alone.
+            streams = pl_module._step_stream
+            pl_module._step_stream = lambda batch_idx: streams(batch_idx) + "-reseeded"
 
 
 class SlowSteps(L.Callback):
@@ -72,7 +74,8 @@ class PauseBeforePublish(L.Callback):
 
         checkpointers = [callback for callback in trainer.callbacks if isinstance(callback, AtomicCheckpoint)]
         assert checkpointers, "PauseBeforePublish needs sd3train's AtomicCheckpoint among the callbacks"
-        checkpointers[0].before_publish.append(self.pause)
+        if self.pause not in checkpointers[0].before_publish:
+            checkpointers[0].before_publish.append(self.pause)
 
     def pause(self, step: int, staging_dir) -> None:
         self.written += 1

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from sd3train.config.compose import compose_raw
+from sd3train.config.compose import group_option
 from sd3train.config.schema import CLIPEncoderConfig, T5EncoderConfig, TextConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +102,7 @@ def diffusers_vae(block_out_channels, layers_per_block, norm_num_groups, *, pert
 def text_config(name: str, **overrides) -> TextConfig:
     """The shipped `text=<name>` option as a TextConfig (the schema's defaults with conf/text/<name>.yaml
     on top; a required value left out stays '???'); unknown keys raise TypeError."""
-    data = OmegaConf.to_container(compose_raw([f"text={name}"]).text)
+    data = group_option("text", name)
     data["clip_l"] = CLIPEncoderConfig(**data["clip_l"])
     data["clip_g"] = CLIPEncoderConfig(**data["clip_g"])
     data["t5"] = T5EncoderConfig(**data["t5"])

@@ -81,12 +81,34 @@ def imports_in(source: str, own: str, is_package: bool = False) -> set[str]:
 
 
 def _exists(module: str) -> bool:
-    relative = Path(*module.split("."))
-    return (PACKAGE.parent / relative).with_suffix(".py").is_file() or (PACKAGE.parent / relative / "__init__.py").is_file()
+    relative = PACKAGE.parent / Path(*module.split("."))
+    return relative.with_suffix(".py").is_file() or (relative / "__init__.py").is_file()
 
 
-def import_graph() -> dict[str, set[str]]:
-    return {module_name(path): imported_modules(path) - {module_name(path)} for path in sorted(PACKAGE.rglob("*.py"))}
+def _with_parent_packages(modules: set[str], importer: str) -> set[str]:
+    """Importing `a.b.c` runs `a.b`'s __init__ too. Left out: the root package's (empty) and the
+    importer's own packages, whose __init__ runs before the importer whatever it imports."""
+    own = {".".join(importer.split(".")[:end]) for end in range(1, importer.count(".") + 2)}
+    parents = {".".join(name.split(".")[:end]) for name in modules for end in range(2, name.count(".") + 1)}
+    return modules | (parents - own)
+
+
+def lazy_imports(path: Path) -> set[str]:
+    """The modules a package imports on first attribute access: the values of its `_LAZY` table."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "_LAZY" for target in node.targets):
+            return {value.value for value in node.value.values if isinstance(value, ast.Constant)}
+    return set()
+
+
+def import_graph(lazy: bool = False) -> dict[str, set[str]]:
+    """module -> the sd3train modules importing it runs (with `lazy`, also what its `_LAZY` table names)."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        targets = imported_modules(path) | (lazy_imports(path) if lazy else set())
+        graph[name] = _with_parent_packages(targets, name) - {name}
+    return graph
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -114,7 +136,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_every_module_is_in_a_layer_and_imports_only_its_own_layer_or_lower():
     upward = []
-    for module, targets in import_graph().items():
+    for module, targets in import_graph(lazy=True).items():
         if module == "sd3train":
             continue
         for target in sorted(targets):
@@ -149,6 +171,12 @@ def test_no_package_circles():
 ])
 def test_lazy_imports_count_and_type_checking_imports_do_not(source, expected):
     assert imports_in(source, "sd3train.model.probe") == expected
+
+
+def test_a_package_init_and_a_lazy_table_count_as_imports():
+    graph = import_graph(lazy=True)
+    assert "sd3train.config" in graph["sd3train.model.vae"]  # via sd3train.config.schema
+    assert "sd3train.checkpoint.transformer_loader" in graph["sd3train.checkpoint"]
 
 
 def test_an_upward_import_and_a_circle_are_found():

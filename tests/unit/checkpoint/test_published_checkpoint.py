@@ -144,3 +144,12 @@ def test_a_deepspeed_checkpoint_directory_is_consolidated_to_a_lightning_checkpo
     (step / "COMPLETE").write_text(json.dumps({"step": 1}))
     assert detect(step).kind == LIGHTNING
     assert set(read_lightning_checkpoint(step)["state_dict"]) == set(expected)
+
+
+def test_a_copied_step_directory_reads_under_any_name_but_is_not_resumed_by_name(tmp_path):
+    from sd3train.checkpoint.step_dirs import IncompleteCheckpointError, resolve_resume_path
+
+    copy = publish_step(tmp_path, 9).rename(tmp_path / "my-finetune")
+    assert read_lightning_checkpoint(copy)["global_step"] == 9  # export, sampling, model.weights
+    with pytest.raises(IncompleteCheckpointError, match="my-finetune is not a complete checkpoint"):
+        resolve_resume_path(copy)  # resume goes by step directories

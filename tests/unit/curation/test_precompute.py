@@ -20,7 +20,7 @@ from sd3train.curation import precompute
 from sd3train.curation.encode_shard import _Item, _SourceOrderBatcher
 from sd3train.curation.precompute import (
     UsageError,
-    compose_config,
+    compose_or_usage_error,
     main,
     output_name,
     resolve_task,
@@ -108,7 +108,7 @@ def test_cache_holds_the_encoder_outputs_in_source_order(sources, tmp_path, caps
     err = capsys.readouterr().err
     assert "decode_error 1" in err and "no_caption 1" in err and "duplicate_key 1" in err, err
 
-    cfg = compose_config(["experiment=tiny_cpu", *_mixed(sources)])
+    cfg = compose_or_usage_error(["experiment=tiny_cpu", *_mixed(sources)])
     decoder = build_decoder(cfg.data, cfg.trainer.seed, train=False)
     usable = []
     for raw in read_shard(str(sources / "mixed-000000.tar")):
@@ -312,12 +312,12 @@ def test_output_names():
 
 def test_training_on_a_cache_made_with_other_settings_fails_at_config_time(reference, tmp_path):
     from sd3train.config.typed import ConfigError
-    from tests.support import config
+    from tests.support.config import compose_config
 
     def training_config(*overrides: str):
-        return config.compose_config("experiment=tiny_cpu", "data=cached",
-                                     f"data.shards='{reference}/train-{{000000..{TRAIN - 1:06d}}}.tar'",
-                                     "data.resolution=32", *overrides)
+        return compose_config("experiment=tiny_cpu", "data=cached",
+                              f"data.shards='{reference}/train-{{000000..{TRAIN - 1:06d}}}.tar'", "data.resolution=32",
+                              *overrides)
 
     assert training_config().data.cached  # the settings it was made with: accepted
     assert training_config("text.dropout_t5=0.1").text.dropout_t5 == 0.1  # training-time only

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import sd3train
 from sd3train.checkpoint.components import vae_from_config
-from sd3train.config.compose import compose_raw
+from sd3train.config.compose import group_option
 from sd3train.config.schema import VAEConfig
 from sd3train.data.shapes import image_to_array, make_sample, parse_caption
 from sd3train.eval.colour import dominant_colour
@@ -24,7 +23,7 @@ TEST_SEED = 424_242
 
 def load_conf(name: str) -> VAEConfig:
     """The shipped `vae=<name>` option: the schema's defaults with conf/vae/<name>.yaml on top."""
-    mapping = OmegaConf.to_container(compose_raw([f"vae={name}"]).vae)
+    mapping = group_option("vae", name)
     return VAEConfig(**mapping)  # an unknown or misspelt field raises here
 
 

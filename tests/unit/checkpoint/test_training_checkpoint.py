@@ -1,0 +1,21 @@
+"""A training checkpoint's stored config reads on any machine: settings that no longer exist and
+callbacks that cannot be imported there do not stop export or sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from sd3train.checkpoint.training import read_training_checkpoint
+
+
+def test_retired_settings_and_unimportable_callbacks_are_dropped(training_checkpoint, tmp_path):
+    checkpoint = torch.load(training_checkpoint, map_location="cpu", weights_only=False)
+    stored = checkpoint["sd3train_config"]["trainer"]
+    # What an sd3train from before trainer.callbacks wrote, and a callback of the training cluster only.
+    stored.update(debug_nan_loss_steps=[], debug_checkpoint_delay_s=0.0, debug_reseed_on_resume=False,
+                  debug_step_delay_s=0.0, callbacks=["only_on_the_cluster.callbacks.Watchdog"])
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    config = read_training_checkpoint(old).config
+    assert config.trainer.callbacks == [] and not hasattr(config.trainer, "debug_nan_loss_steps")
+    assert config.model.depth == 2
