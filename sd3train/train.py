@@ -62,6 +62,7 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> int | None:
     data = ShardDataModule(cfg.data, seed=cfg.trainer.seed)
     data.setup()
     module = SD3LitModule(cfg)
+    data.prepare_batch = module.prepare_batch  # token ids made on the host, moved with the batch
     trainer, stop_on_preemption = build_trainer(cfg, run_dir, extra_callbacks)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

@@ -23,6 +23,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest  # noqa: E402  (after the environment: importing torch must see OMP_NUM_THREADS)
 import torch  # noqa: E402
 
+from sd3train.tools.make_shapes import build_shapes  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def single_thread():
@@ -32,3 +34,19 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def small_shapes(tmp_path_factory) -> Path:
+    """4 train shards of 64 samples and a 32-sample validation shard, written by the project's tool."""
+    out = tmp_path_factory.mktemp("shapes")
+    build_shapes(out, train=256, val=32, samples_per_shard=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def repo_shapes() -> Path:
+    """The default shards under data/shapes, as `make train` writes them (idempotent)."""
+    out = Path(_REPO) / "data" / "shapes"
+    build_shapes(out)
+    return out

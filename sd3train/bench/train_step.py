@@ -1,28 +1,43 @@
-"""Time one training step (forward, loss, backward, AdamW) of our MM-DiT against diffusers'
-`SD3Transformer2DModel` built from the same config with the same weights, batch and precision,
-in one process. Prints median ms/step and samples/s of each, the ratio diffusers / ours (above 1:
-ours is faster) and, on a GPU, model FLOP utilisation from the analytic count in
-`sd3train.bench.flops` (training = 3x forward, attention included).
+"""Time training steps of our MM-DiT against diffusers' `SD3Transformer2DModel` built from the same
+config, with the same batch and precision; report median ms/step, TFLOP/s, MFU and the ratio to diffusers.
+
+Two ways, combinable (`--variants`):
+  interleaved   (default) both bare loops in one process (forward, MSE loss, backward, fused
+                AdamW; sd3train/bench/step_loops.py), timed steps alternating between the models
+                in rounds of `--round-steps`, the first model swapping every round, so machine
+                noise falls on both alike. Same weights in both.
+  diffusers     the diffusers baseline alone (defined in sd3train/bench/step_loops.py:
+                SD3Transformer2DModel, its default attention processor, same config and batch,
+                bf16 autocast over fp32 weights under --dtype bf16, fused AdamW)
+  bare          our MM-DiT alone in the same bare loop
+  step          the project's own training step: SD3LitModule under a real Lightning Trainer on
+                fixed precompute-cache batches, optimizer, guard, EMA, clipping and logging
+                included (sd3train/bench/step_variant.py)
+Each of diffusers, bare and step runs in its own subprocess, so only one model is resident, and
+reports its peak memory (torch.cuda.max_memory_allocated on a GPU, the process's max RSS on a CPU)
+and its ratio to the diffusers variant (diffusers ms / its ms: above 1 it is faster).
 
     # the embedded tiny CPU model as `make train` trains it (conf/experiment/tiny_cpu.yaml: 64^2,
     # batch 32, 16 CLIP + 16 T5 tokens, fp32)
     python -m sd3train.bench.train_step --model tiny --resolution 64 --batch 32 --text-tokens 32 \\
         --device cpu --dtype fp32 --threads 1 --warmup 10 --steps 100
-    # a bigger CPU config (SD3 text widths, rms qk norm)
+    # the README's CPU command: depth 4 (SD3 text widths, rms qk norm), 256^2, every variant
     python -m sd3train.bench.train_step --model mmdit --depth 4 --resolution 256 --batch 2 \\
-        --device cpu --dtype fp32 --threads 1 --warmup 5 --steps 40
+        --device cpu --dtype fp32 --threads 1 --warmup 5 --steps 40 --compile \\
+        --variants interleaved diffusers bare step --json /tmp/cpu.json
     # SD3-Medium size (depth 24, no qk norm) at 512^2 in bf16 on a GPU, with MFU
     python -m sd3train.bench.train_step --model sd3_medium --resolution 512 --batch 8 \\
-        --device cuda --dtype bf16 --warmup 5 --steps 30
+        --device cuda --dtype bf16 --warmup 5 --steps 30 --compile --variants diffusers bare step
 
 `--model` names a conf/model/*.yaml; `--depth`, `--hidden`, `--heads`, `--qk-norm`,
-`--dual-attention-layers` and `--activation-checkpointing` override it. Latents are
-resolution / 8 on a side (SD3's VAE, and the tiny one, downsample 8x). bf16 is autocast over
-fp32 weights for both models, as Lightning's `bf16-mixed` (our default precision) trains.
-Both models use the same AdamW (fused where torch has it). Timed steps alternate between the
-models, one round of `--round-steps` each with the first model swapping every round, so machine
-noise falls on both alike. On a shared 2-core machine use `--threads 1`: with two threads the
-medians of repeated runs differed by 10% and more. Add `--json` for one machine-readable JSON object.
+`--dual-attention-layers`, `--activation-checkpointing` (none|full|selective|every_k; alone: full),
+`--attention-backend` and `--compile` override it (the last three are our model's
+model.activation_checkpointing, model.attention_backend and model.compile; diffusers gets its own
+full checkpointing only with full, and is never compiled). Latents are resolution / 8 on a side.
+FLOPs are the analytic count of `sd3train.model.flops` (training = 3x forward, attention
+included; recomputation not counted); MFU needs a GPU in sd3train/runtime/peak.py or --peak-tflops.
+On a shared 2-core machine use `--threads 1`: with two threads the medians of repeated runs
+differed by 10% and more. `--json` prints one JSON object instead of the table; `--json OUT` writes it to OUT.
 
 diffusers is a test-only dependency (`pip install -e '.[test]'`); only this benchmark imports it.
 Tests: `python -m pytest tests/unit/bench -q`.
@@ -31,38 +46,49 @@ Tests: `python -m pytest tests/unit/bench -q`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import gc
 import importlib.metadata
 import json
-import statistics
+import os
+import subprocess
 import sys
-import time
-from typing import Callable, Optional, Sequence
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from sd3train.bench.flops import training_step_flops
-from sd3train.bench.peak import peak_tflops
-from sd3train.checkpoint.export_diffusers import transformer_config
-from sd3train.checkpoint.mmdit_diffusers import official_to_diffusers
+from sd3train.bench.step_loops import (
+    LATENT_DOWNSAMPLE,
+    MISSING_DIFFUSERS,
+    SEED,
+    adamw,
+    autocast_for,
+    build_reference,
+    make_batch,
+    peak_memory,
+    run_bare,
+    synchronizer,
+    time_interleaved,
+    timing_result,
+    training_step,
+    velocity_functions,
+)
 from sd3train.config.compose import group_option
 from sd3train.config.schema import ModelConfig
 from sd3train.config.typed import ConfigError, build_typed
-from sd3train.model.mmdit import TIMESTEP_SCALE, MMDiT
+from sd3train.model.activation_checkpointing import ACTIVATION_CHECKPOINTING
+from sd3train.model.attention import ATTENTION_BACKENDS
+from sd3train.model.compile import compile_blocks
+from sd3train.model.flops import training_step_flops
+from sd3train.model.mmdit import MMDiT
 from sd3train.paths import REPO_ROOT
+from sd3train.runtime.peak import peak_tflops
 
 PROG = "python -m sd3train.bench.train_step"
-LATENT_DOWNSAMPLE = 8
 MODEL_NAMES = ("ours", "diffusers")
-SEED = 0
-LEARNING_RATE = 1e-4
-MISSING_DIFFUSERS = (
-    "the benchmark compares against diffusers' SD3Transformer2DModel, and diffusers is not installed; "
-    "install the test extra: pip install -e '.[test]'"
-)
+VARIANTS = ("interleaved", "diffusers", "bare", "step")
+SUBPROCESS_VARIANTS = ("diffusers", "bare", "step")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -75,8 +101,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--qk-norm", choices=("none", "rms"), help="overrides the model's qk norm")
     parser.add_argument("--dual-attention-layers", type=int, nargs="*", metavar="INDEX",
                         help="MMDiT-X layers with the extra image self-attention (overrides the model's)")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute each block in the backward pass (both models)")
+    parser.add_argument("--activation-checkpointing", nargs="?", const="full", default="none",
+                        choices=ACTIVATION_CHECKPOINTING, help="model.activation_checkpointing (alone: full)")
+    parser.add_argument("--attention-backend", default="auto", choices=tuple(ATTENTION_BACKENDS),
+                        help="model.attention_backend of our model")
+    parser.add_argument("--compile", action="store_true", help="compile our joint blocks (model.compile=true)")
     parser.add_argument("--resolution", default="512", help="image pixels, N or HxW (latents are 1/8)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--text-tokens", type=int, default=154, help="context length (SD3: 77 CLIP + 77 T5)")
@@ -85,13 +114,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    parser.add_argument("--round-steps", type=int, default=1, help="steps per model in one timing round")
+    parser.add_argument("--round-steps", type=int, default=1, help="interleaved: steps per model in one round")
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: a table of known GPUs)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["interleaved"],
+                        help="what to time (default: interleaved)")
+    parser.add_argument("--variant-timeout", type=float, default=600.0, help="seconds per subprocess variant")
+    parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
+                        help="alone: print one JSON object instead of the table; with OUT: write it to OUT")
+    # Internal: run one variant in this process and write its result to --worker-out.
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     problems = [f"--{name.replace('_', '-')} must be >= {low}" for name, low in
                 (("batch", 1), ("text_tokens", 1), ("steps", 1), ("warmup", 0), ("round_steps", 1))
                 if getattr(args, name) < low]
+    if "step" in args.variants and args.text_tokens < 2:
+        problems.append("--text-tokens must be >= 2 for the step variant (CLIP and T5 tokens)")
     try:
         args.image_size = parse_resolution(args.resolution)
     except ValueError as error:
@@ -128,90 +167,12 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         data["qk_norm"] = None if args.qk_norm == "none" else args.qk_norm
     if args.dual_attention_layers is not None:
         data["dual_attention_layers"] = list(args.dual_attention_layers)
-    data["activation_checkpointing"] = bool(args.activation_checkpointing)
+    data.update(activation_checkpointing=args.activation_checkpointing, attention_backend=args.attention_backend,
+                compile=bool(args.compile))
     config, problems = build_typed(ModelConfig, data, prefix="model.")
     if problems:
         raise ConfigError(problems)
     return config
-
-
-def build_reference(config: ModelConfig, ours: MMDiT) -> torch.nn.Module:
-    """diffusers' SD3Transformer2DModel for `config`, holding `ours`'s weights (converted keys)."""
-    try:
-        import diffusers
-    except ImportError as error:
-        raise ModuleNotFoundError(MISSING_DIFFUSERS) from error
-    settings = {key: value for key, value in transformer_config(config).items() if not key.startswith("_")}
-    reference = diffusers.SD3Transformer2DModel.from_config(settings)
-    reference.load_state_dict(official_to_diffusers(ours.state_dict(), config.depth), strict=True)
-    if config.activation_checkpointing:
-        reference.enable_gradient_checkpointing()
-    return reference
-
-
-def make_batch(config: ModelConfig, args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
-    """One fixed random batch, fp32 as the training loop feeds it (autocast casts inside)."""
-    generator = torch.Generator().manual_seed(SEED)
-    height, width = (side // LATENT_DOWNSAMPLE for side in args.image_size)
-    shapes = {
-        "latents": (args.batch, config.in_channels, height, width),  # noisy latents x_t
-        "context": (args.batch, args.text_tokens, config.context_dim),
-        "pooled": (args.batch, config.pooled_dim),
-        "velocity_target": (args.batch, config.out_channels or config.in_channels, height, width),
-    }
-    batch = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
-    batch["t"] = torch.rand(args.batch, generator=generator)
-    return {name: tensor.to(device) for name, tensor in batch.items()}
-
-
-def velocity_functions(ours: MMDiT, reference: torch.nn.Module) -> dict[str, Callable]:
-    """Each model's velocity for (latents, t, context, pooled), in our calling convention."""
-
-    def diffusers_velocity(latents, t, context, pooled):
-        return reference(hidden_states=latents, encoder_hidden_states=context, pooled_projections=pooled,
-                         timestep=t * TIMESTEP_SCALE, return_dict=False)[0]
-
-    return {"ours": ours, "diffusers": diffusers_velocity}
-
-
-def adamw(parameters) -> torch.optim.Optimizer:
-    # Fused is torch's fastest AdamW on CPU and CUDA; foreach where a build lacks it.
-    try:
-        return torch.optim.AdamW(parameters, lr=LEARNING_RATE, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(parameters, lr=LEARNING_RATE, foreach=True)
-
-
-def training_step(velocity: Callable, optimizer: torch.optim.Optimizer, batch: dict, autocast) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    with autocast():
-        prediction = velocity(batch["latents"], batch["t"], batch["context"], batch["pooled"])
-    loss = F.mse_loss(prediction.float(), batch["velocity_target"])
-    loss.backward()
-    optimizer.step()
-
-
-def time_interleaved(steps: dict[str, Callable[[], None]], warmup: int, timed: int, round_steps: int,
-                     synchronize: Callable[[], None]) -> dict[str, list[float]]:
-    """Seconds of each of `timed` steps per name, run in alternating rounds after `warmup` untimed ones."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    synchronize()
-    gc.collect()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    round_index = 0
-    while any(len(seconds[name]) < timed for name in names):
-        order = names if round_index % 2 == 0 else names[::-1]
-        for name in order:
-            for _ in range(min(round_steps, timed - len(seconds[name]))):
-                start = time.perf_counter()
-                steps[name]()
-                synchronize()
-                seconds[name].append(time.perf_counter() - start)
-        round_index += 1
-    return seconds
 
 
 def peak_for(args: argparse.Namespace, device: torch.device) -> tuple[Optional[float], str]:
@@ -228,51 +189,146 @@ def peak_for(args: argparse.Namespace, device: torch.device) -> tuple[Optional[f
     return peak, (f"table: {name}, {precision} dense" if peak else f"{name} is not in the table (pass --peak-tflops)")
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    config = model_config(args)
+def run_interleaved(config: ModelConfig, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per timed step of ours and diffusers, both resident, alternating."""
     torch.manual_seed(SEED)
     ours = MMDiT.from_config(config)
     reference = build_reference(config, ours)
     ours.to(device).train()
     reference.to(device).train()
+    if args.compile:
+        compile_blocks(ours)
     batch = make_batch(config, args, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bf16" \
-        else contextlib.nullcontext
+    autocast = autocast_for(args.dtype, device)
     optimizers = {"ours": adamw(ours.parameters()), "diffusers": adamw(reference.parameters())}
     steps = {name: (lambda velocity=velocity, name=name: training_step(velocity, optimizers[name], batch, autocast))
              for name, velocity in velocity_functions(ours, reference).items()}
-    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    seconds = time_interleaved(steps, args.warmup, args.steps, args.round_steps, synchronize)
+    return time_interleaved(steps, args.warmup, args.steps, args.round_steps, synchronizer(device))
 
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """One variant, in this process (a subprocess of the benchmark): its seconds per step and peak memory."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = model_config(args)
+    if args.worker == "interleaved":
+        seconds = run_interleaved(config, args, device)
+    elif args.worker == "step":
+        from sd3train.bench.step_variant import run_step  # Lightning and the whole module: only here
+
+        seconds = run_step(config, args, device)
+    else:
+        seconds = run_bare(args.worker, config, args, device)
+    memory, memory_kind = peak_memory(device)
+    return {"seconds": seconds, "peak_memory_bytes": memory, "peak_memory_kind": memory_kind}
+
+
+def run_in_subprocess(name: str, args: argparse.Namespace) -> dict:
+    """Variant `name` run by a fresh Python process (`--worker`): run_worker's result, or {"error": ...}."""
+    forwarded = _without_options(args.argv, ("--variants", "--json", "--worker", "--worker-out"))
+    with tempfile.TemporaryDirectory(prefix="sd3train-bench-") as folder:
+        out = Path(folder) / "result.json"
+        command = [sys.executable, "-m", "sd3train.bench.train_step", *forwarded, "--variants", name,
+                   "--worker", name, "--worker-out", str(out)]
+        try:
+            completed = subprocess.run(command, capture_output=True, text=True, timeout=args.variant_timeout,
+                                       cwd=REPO_ROOT, env=_child_environment())
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {args.variant_timeout:g} s"}
+        if completed.returncode != 0 or not out.is_file():
+            tail = (completed.stderr or completed.stdout).strip().splitlines()[-12:]
+            return {"error": f"exit status {completed.returncode}: " + "\n".join(tail)}
+        return json.loads(out.read_text())
+
+
+def _child_environment() -> dict[str, str]:
+    # The repository first on the path (it may not be installed), whatever else was there kept
+    # (a GPU machine's carried packages, say).
+    path = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """`argv` without the options `names` and their values (everything up to the next option)."""
+    kept, skipping = [], False
+    for item in argv:
+        if item.startswith("--"):
+            skipping = item.split("=", 1)[0] in names
+        if not skipping:
+            kept.append(item)
+    return kept
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _adamw_kind(device: torch.device) -> str:
+    if device.type == "cuda":  # torch has fused AdamW on CUDA; no tensor here, so no CUDA context
+        return "fused"
+    probe = adamw([torch.zeros(1, requires_grad=True)])
+    return "fused" if probe.defaults.get("fused") else "foreach"
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = model_config(args)
     latent_h, latent_w = (side // LATENT_DOWNSAMPLE for side in args.image_size)
     flops = training_step_flops(config, args.batch, latent_h, latent_w, args.text_tokens)
     peak, peak_source = peak_for(args, device)
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in MMDiT.from_config(config).parameters())
     result = {
-        "model": {**dataclasses.asdict(config), "name": args.model,
-                  "parameters": sum(p.numel() for p in ours.parameters())},
+        "model": {**dataclasses.asdict(config), "name": args.model, "parameters": parameters},
         "resolution": list(args.image_size), "latent": [latent_h, latent_w], "batch": args.batch,
         "text_tokens": args.text_tokens, "dtype": args.dtype, "bf16_mode": "autocast, fp32 weights",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-        "diffusers_version": importlib.metadata.version("diffusers"),
-        "optimizer": "AdamW " + ("fused" if optimizers["ours"].defaults.get("fused") else "foreach"),
+        "diffusers_version": _version("diffusers"), "optimizer": "AdamW " + _adamw_kind(device),
+        "compile": bool(args.compile), "attention_backend": args.attention_backend,
+        "activation_checkpointing": args.activation_checkpointing,
         "warmup": args.warmup, "steps": args.steps, "round_steps": args.round_steps,
         "training_flops_per_step": flops, "peak_tflops": peak, "peak_source": peak_source,
     }
-    for name in MODEL_NAMES:
-        median = statistics.median(seconds[name])
-        result[name] = {
-            "median_ms": 1e3 * median,
-            "min_ms": 1e3 * min(seconds[name]),
-            "samples_per_s": args.batch / median,
-            "achieved_tflops": flops / median / 1e12,
-            "mfu": flops / median / (peak * 1e12) if peak else None,
-        }
-    result["ratio_diffusers_over_ours"] = result["diffusers"]["median_ms"] / result["ours"]["median_ms"]
+    if "interleaved" in args.variants:
+        if set(args.variants) == {"interleaved"}:
+            seconds = run_interleaved(config, args, device)
+        else:  # with other variants: in its own process too, so each starts alike
+            seconds = run_in_subprocess("interleaved", args).get("seconds") or {}
+        if seconds:
+            for name in MODEL_NAMES:
+                result[name] = timing_result(seconds[name], args.batch, flops, peak)
+            result["ratio_diffusers_over_ours"] = result["diffusers"]["median_ms"] / result["ours"]["median_ms"]
+        else:
+            result["interleaved_error"] = "the interleaved subprocess failed (run it alone to see why)"
+    variants = {}
+    for name in (name for name in SUBPROCESS_VARIANTS if name in args.variants):
+        outcome = run_in_subprocess(name, args)
+        if "error" in outcome:
+            variants[name] = {"error": outcome["error"]}
+            continue
+        variants[name] = {**timing_result(outcome["seconds"], args.batch, flops, peak),
+                          "peak_memory_bytes": outcome["peak_memory_bytes"],
+                          "peak_memory_kind": outcome["peak_memory_kind"]}
+    baseline = variants.get("diffusers", {}).get("median_ms")
+    for row in variants.values():
+        if "median_ms" in row:
+            row["ratio_to_diffusers"] = baseline / row["median_ms"] if baseline else None
+    if variants:
+        result["variants"] = variants
     return result
+
+
+def _timing_line(name: str, row: dict, extra: str = "") -> str:
+    mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+    return (f"{name:12} {row['median_ms']:15.2f} {row['min_ms']:12.2f} {row['samples_per_s']:10.2f} "
+            f"{row['achieved_tflops']:9.4f} {mfu:>7}{extra}")
 
 
 def report(result: dict) -> str:
@@ -285,32 +341,49 @@ def report(result: dict) -> str:
         f"batch {result['batch']} at {height}x{width} (latents {result['latent'][0]}x{result['latent'][1]}), "
         f"{result['text_tokens']} text tokens, {result['dtype']} "
         f"({result['bf16_mode'] if result['dtype'] == 'bf16' else 'weights and math'}), {result['optimizer']}",
+        f"ours: compile {result['compile']}, attention {result['attention_backend']}, "
+        f"activation checkpointing {result['activation_checkpointing']}",
         f"device {result['device']}, threads {result['threads']}, torch {result['torch_version']}, "
         f"diffusers {result['diffusers_version']}; {result['steps']} timed steps each after {result['warmup']} warm-up",
         f"analytic training FLOPs per step: {result['training_flops_per_step'] / 1e9:.3f} GFLOP "
         f"(peak: {result['peak_source']})",
-        "",
-        f"{'':10} {'median ms/step':>15} {'min ms/step':>12} {'samples/s':>10} {'TFLOP/s':>9} {'MFU':>7}",
     ]
-    for name in MODEL_NAMES:
-        row = result[name]
-        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
-        lines.append(f"{name:10} {row['median_ms']:15.2f} {row['min_ms']:12.2f} {row['samples_per_s']:10.2f} "
-                     f"{row['achieved_tflops']:9.4f} {mfu:>7}")
-    lines.append(f"ratio diffusers / ours: {result['ratio_diffusers_over_ours']:.3f} (above 1: ours is faster)")
+    header = f"{'':12} {'median ms/step':>15} {'min ms/step':>12} {'samples/s':>10} {'TFLOP/s':>9} {'MFU':>7}"
+    if "ours" in result:
+        lines += ["", "interleaved, both models in one process:", header]
+        lines += [_timing_line(name, result[name]) for name in MODEL_NAMES]
+        lines.append(f"ratio diffusers / ours: {result['ratio_diffusers_over_ours']:.3f} (above 1: ours is faster)")
+    elif "interleaved_error" in result:
+        lines += ["", f"interleaved: {result['interleaved_error']}"]
+    if "variants" in result:
+        lines += ["", "each in its own process:", f"{header} {'peak GB':>8} {'diffusers / it':>15}"]
+        for name, row in result["variants"].items():
+            if "error" in row:
+                lines.append(f"{name:12} failed: {row['error']}")
+                continue
+            ratio = f"{row['ratio_to_diffusers']:.3f}" if row["ratio_to_diffusers"] is not None else "-"
+            lines.append(_timing_line(name, row, f" {row['peak_memory_bytes'] / 1e9:8.2f} {ratio:>15}"))
+        kinds = {row["peak_memory_kind"] for row in result["variants"].values() if "peak_memory_kind" in row}
+        lines.append(f"peak memory: {', '.join(sorted(kinds))}")
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     try:
+        if args.worker is not None:
+            outcome = run_worker(args)
+            Path(args.worker_out).write_text(json.dumps(outcome))
+            return outcome
         result = run(args)
     except (ConfigError, ModuleNotFoundError, ValueError) as error:
         if isinstance(error, ModuleNotFoundError) and str(error) != MISSING_DIFFUSERS:
             raise
         print(f"{PROG}: {error}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(result, indent=2) if args.json else report(result))
+    if args.json not in (None, "-"):
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.json == "-" else report(result))
     return result
 
 

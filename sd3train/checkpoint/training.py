@@ -63,6 +63,10 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     # need not exist on the machine that loads the checkpoint; nor do the callbacks it trained with.
     plain["trainer"] = {**plain.get("trainer", {}), "resume": "never", "callbacks": []}
     plain["paths"] = {**plain.get("paths", {}), "pretrained": None}
+    # How the training machine ran the MM-DiT is no property of its weights: the attention kernel it
+    # chose may not exist where the checkpoint is read (cudnn on a CPU), and compilation is that
+    # machine's call. Older configs' activation_checkpointing true/false are read by load_config.
+    plain["model"] = {**plain.get("model", {}), "compile": None, "attention_backend": "auto"}
     # The weights a run started from are in the checkpoint now; a frozen component it did not save
     # (see the module docstring) still comes from the file its config names.
     state_dict = checkpoint["state_dict"]

@@ -31,9 +31,18 @@ class ModelConfig:
     qk_norm: Optional[str] = None  # None or "rms"
     dual_attention_layers: list[int] = field(default_factory=list)  # MMDiT-X extra image self-attention
     qkv_bias: bool = True
-    # Recompute each joint block's activations in the backward pass (torch.utils.checkpoint):
-    # roughly a third more compute per step for activation memory of one block instead of `depth`.
-    activation_checkpointing: bool = False
+    # What each joint block recomputes in the backward pass instead of keeping (torch.utils.checkpoint):
+    # none; full (the whole block: about a third more compute, one block's activations instead of
+    # `depth`); selective (keeps matmul and attention outputs, recomputes the cheap elementwise ops,
+    # as torchtitan's per-op policy); every_k (full on one block in activation_checkpointing_every).
+    # Older configs' true/false read as full/none.
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
+    # Compile each joint block (sd3train.model.compile_blocks, fullgraph). None: on for CUDA runs
+    # (off on CPU and with DeepSpeed, which refuses true).
+    compile: Optional[bool] = None
+    # SDPA kernel: auto (torch's choice; on Hopper cuDNN attention first), flash, cudnn, efficient, math.
+    attention_backend: str = "auto"
     # SD3.5-Medium's training augmentation: each sample adds a randomly placed crop of the position
     # table instead of the centre crop, so positions off the centre are trained too. Inference and
     # validation always use the centre crop.
@@ -235,6 +244,9 @@ class EMAConfig:
     enabled: bool = True
     decay: float = 0.9999
     start_step: int = 0
+    # Update the average every k optimizer steps with decay^k: the same horizon for a k-th of the
+    # memory traffic (the EMA reads and writes every weight).
+    every_n_steps: int = 1
 
 
 @dataclass
@@ -285,9 +297,15 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # the newest N complete checkpoints are kept (at least 2)
     # Steps whose loss or gradient norm is not finite are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 3
+    # The frozen VAE and text encoders' dtype: "auto" (bf16 under bf16 precisions, fp16 under 16-mixed,
+    # else fp32), "fp32", "bf16" or "fp16". They only run forward, so half precision halves their memory.
+    frozen_dtype: str = "auto"
     # Your own Lightning callbacks, added after the built-in ones: dotted paths of a Callback class or
     # of a function returning one, called without arguments ('my_project.callbacks.LogGpuTemperature').
     callbacks: list[str] = field(default_factory=list)
+    # Peak TFLOP/s of one device for train/mfu; None: NVIDIA's dense figure for the GPU's name and
+    # the training precision (sd3train/runtime/peak.py), and no train/mfu on devices it does not know.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

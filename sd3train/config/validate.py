@@ -20,6 +20,12 @@ DENSITIES = ("logit_normal", "mode", "cosmap", "uniform")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
 WANDB_MODES = ("online", "offline", "disabled")
 UNCOND_MODES = ("zeros", "empty_prompt")
+# sd3train.model.activation_checkpointing.ACTIVATION_CHECKPOINTING and sd3train.model.attention.ATTENTION_BACKENDS
+# (tests/unit/model/test_model_options.py checks they agree; config sits below model and cannot import them).
+ACTIVATION_CHECKPOINTING_MODES = ("none", "full", "selective", "every_k")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+# Kernels torch has only for CUDA devices.
+CUDA_ONLY_ATTENTION_BACKENDS = ("cudnn", "efficient")
 
 
 class RequiredValueError(ValueError):
@@ -87,6 +93,40 @@ def skip_layer_problems(sampler: SamplerConfig, depth: int, prefix: str = "") ->
     return problems
 
 
+def model_option_problems(cfg: TrainConfig) -> list[str]:
+    """The MM-DiT's training options: activation checkpointing, compilation, attention kernel."""
+    model, problems = cfg.model, []
+    if model.activation_checkpointing not in ACTIVATION_CHECKPOINTING_MODES:
+        problems.append(f"model.activation_checkpointing: {model.activation_checkpointing!r} is not one of "
+                        f"{', '.join(ACTIVATION_CHECKPOINTING_MODES)}")
+    if model.activation_checkpointing_every < 1:
+        problems.append(f"model.activation_checkpointing_every: must be >= 1, "
+                        f"got {model.activation_checkpointing_every}")
+    if model.attention_backend not in ATTENTION_BACKENDS:
+        problems.append(f"model.attention_backend: {model.attention_backend!r} is not one of "
+                        f"{', '.join(ATTENTION_BACKENDS)}")
+    elif model.attention_backend in CUDA_ONLY_ATTENTION_BACKENDS and cfg.trainer.accelerator == "cpu":
+        problems.append(f"model.attention_backend: {model.attention_backend} attention needs a CUDA device, "
+                        "trainer.accelerator is cpu (flash and math run on CPU)")
+    if model.compile and cfg.strategy.name == "deepspeed":
+        # ZeRO partitions parameters and hooks their gathering around each module: compiled blocks do
+        # not follow it. Left at null, model.compile resolves to false with DeepSpeed.
+        problems.append("model.compile: true does not work with strategy.name=deepspeed (ZeRO); "
+                        "use strategy=ddp or model.compile=null")
+    return problems
+
+
+def upgrade_retired_values(plain: dict) -> dict:
+    """Values of older configs and checkpoints in today's form: `model.activation_checkpointing`
+    true/false (before its modes existed) is full/none. Runs before type checking, so the command
+    line's `model.activation_checkpointing=true` and stored configs keep working."""
+    model = plain.get("model")
+    if isinstance(model, dict) and isinstance(model.get("activation_checkpointing"), bool):
+        mode = "full" if model["activation_checkpointing"] else "none"
+        plain = {**plain, "model": {**model, "activation_checkpointing": mode}}
+    return plain
+
+
 def cross_field_problems(cfg: TrainConfig) -> list[str]:
     """Every impossible combination in an otherwise well-typed config."""
     problems: list[str] = []
@@ -148,6 +188,7 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
     if diffusion.sampler.num_steps < 1:
         problems.append(f"diffusion.sampler.num_steps: must be >= 1, got {diffusion.sampler.num_steps}")
     problems.extend(skip_layer_problems(diffusion.sampler, model.depth, "diffusion.sampler."))
+    problems.extend(model_option_problems(cfg))
     problems.extend(data_problems(cfg, multiple))
     problems.extend(strategy_problems(cfg))
     problems.extend(trainer_problems(cfg))
@@ -222,7 +263,7 @@ def load_config(cfg: DictConfig | dict) -> TrainConfig:
             raise ConfigError(unresolvable_problems(cfg) or [str(error).splitlines()[0]]) from error
     else:
         plain = cfg
-    plain = {key: value for key, value in plain.items() if key != "hydra"}
+    plain = upgrade_retired_values({key: value for key, value in plain.items() if key != "hydra"})
     typed, problems = build_typed(TrainConfig, plain)
     if not problems:
         problems = cross_field_problems(typed)

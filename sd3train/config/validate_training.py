@@ -7,6 +7,7 @@ from sd3train.config.schema import TrainConfig
 from sd3train.runtime.dotted import import_object
 
 STRATEGIES = ("ddp", "deepspeed")
+FROZEN_DTYPES = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = (None, "nccl", "gloo", "mpi")
 
 
@@ -45,11 +46,17 @@ def trainer_problems(cfg: TrainConfig) -> list[str]:
     for name in ("accumulate_grad_batches", "devices", "num_nodes", "max_nonfinite_steps"):
         if getattr(trainer, name) < 1:
             problems.append(f"trainer.{name}: must be >= 1, got {getattr(trainer, name)}")
+    if trainer.frozen_dtype not in FROZEN_DTYPES:
+        problems.append(f"trainer.frozen_dtype: {trainer.frozen_dtype!r} is not one of {', '.join(FROZEN_DTYPES)}")
+    if cfg.ema.every_n_steps < 1:
+        problems.append(f"ema.every_n_steps: must be >= 1, got {cfg.ema.every_n_steps}")
     if trainer.keep_checkpoints < 2:
         problems.append(f"trainer.keep_checkpoints: must be >= 2 (a crash while writing the newest must leave "
                         f"an older complete one), got {trainer.keep_checkpoints}")
     if trainer.checkpoint_every_n_steps < 1:
         problems.append(f"trainer.checkpoint_every_n_steps: must be >= 1, got {trainer.checkpoint_every_n_steps}")
+    if trainer.peak_tflops is not None and not trainer.peak_tflops > 0:
+        problems.append(f"trainer.peak_tflops: must be > 0 (or null for the table of known GPUs), got {trainer.peak_tflops}")
     for index, path in enumerate(trainer.callbacks):
         try:
             import_object(path)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import lightning
 import torch
@@ -94,6 +94,9 @@ class ShardDataModule(lightning.LightningDataModule):
         self._shards_checked = False
         self._blocklist_keys: Optional[frozenset[str]] = None
         self._loaded: Optional[dict[str, Any]] = None  # a loaded state, applied in train_dataloader
+        # Applied to every batch on the host before it moves to the device (the training module's
+        # tokenizer: token ids then travel with the batch).
+        self.prepare_batch: Optional[Callable[[dict], dict]] = None
 
     # ------------------------------ position (read-only views of self.position)
     @property
@@ -121,7 +124,10 @@ class ShardDataModule(lightning.LightningDataModule):
         return " + ".join(f"{s.shards} (weight {s.weight})" for s in self.cfg.sources) if self.cfg.sources else self.cfg.shards
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self.position.consume(batch) if isinstance(batch, dict) else batch
+        if not isinstance(batch, dict):
+            return batch
+        batch = self.position.consume(batch)
+        return self.prepare_batch(batch) if self.prepare_batch is not None else batch
 
     # -------------------------------------------------------------- dataloaders
     def _check_local(self, urls: list[str], what: str) -> None:

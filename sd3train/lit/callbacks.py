@@ -15,12 +15,11 @@ from sd3train.inference import decode_to_uint8, generate_latents, write_samples
 
 
 class DataMetrics(L.Callback):
-    """Throughput and the data pipeline's health.
-
-    Every step: train/samples_per_sec (all ranks, from the real batch sizes). Every
-    `every_n_steps`: data/wait_fraction (share of wall time the step loop waited for the loader,
-    mean over ranks), and the datamodule's counters (data/skipped_<reason>, data/samples_read,
-    data/skipped_fraction), summed over ranks.
+    """Throughput and the data pipeline's health, every `every_n_steps` (the logging steps: logging
+    a number moves it to the device, so ordinary steps log nothing): train/samples_per_sec over the
+    window since the last log (all ranks, from the real batch sizes), data/wait_fraction (share of
+    wall time the step loop waited for the loader, mean over ranks), and the datamodule's counters
+    (data/skipped_<reason>, data/samples_read, data/skipped_fraction), summed over ranks.
     """
 
     def __init__(self, every_n_steps: int):
@@ -28,6 +27,7 @@ class DataMetrics(L.Callback):
         self._last: float | None = None
         self._window_start: float | None = None
         self._window_wait = 0.0
+        self._window_samples = 0
 
     @staticmethod
     def _wait_seconds(trainer) -> float:
@@ -41,15 +41,19 @@ class DataMetrics(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
         batch_size = len(batch["keys"])
-        if elapsed > 0:
-            rate = batch_size * trainer.world_size / elapsed
-            pl_module.log("train/samples_per_sec", rate, prog_bar=True, batch_size=batch_size)
-        if trainer.global_step % self.every_n_steps or trainer.datamodule is None:
+        self._window_samples += batch_size
+        if trainer.global_step % self.every_n_steps:
+            return
+        window = now - self._window_start
+        if window > 0:
+            rate = self._window_samples * trainer.world_size / window
+            pl_module.log("train/samples_per_sec", rate, batch_size=batch_size)
+        self._window_samples = 0
+        if trainer.datamodule is None:
+            self._window_start = now
             return
         wait = self._wait_seconds(trainer)
-        window = now - self._window_start
         metrics = {"data/wait_fraction": (wait - self._window_wait) / window if window > 0 else 0.0}
         self._window_start, self._window_wait = now, wait
         pl_module.log_dict(metrics, sync_dist=True, batch_size=batch_size)
@@ -85,6 +89,12 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         metrics["step"] = trainer.global_step
+        # Read here, at a refresh (a logging step), not logged with prog_bar=True: Lightning turns
+        # progress-bar metrics into Python numbers after every step, which waits for the device.
+        for name in ("train/loss", "train/samples_per_sec"):
+            value = trainer.callback_metrics.get(name)
+            if value is not None:
+                metrics[name.split("/", 1)[1]] = f"{float(value):.4g}"
         return metrics
 
 

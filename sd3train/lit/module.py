@@ -1,4 +1,11 @@
-"""LightningModule: frozen VAE and text encoders, trainable MM-DiT, rectified-flow objective."""
+"""LightningModule: frozen VAE and text encoders, trainable MM-DiT, rectified-flow objective.
+
+An ordinary training step never waits for the host: its random numbers are drawn on the training
+device, token ids travel with the batch, whether the step was finite stays a device tensor that
+fused AdamW and the EMA read themselves (sd3train/lit/nonfinite.py), and metrics are reduced and
+handed to the loggers only at logging steps. Logging and checkpoint steps read what they need.
+`tests/unit/lit/test_host_syncs.py` counts the reads of an ordinary step: zero.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from sd3train.lit.ema import EMAModel
 from sd3train.lit.latent_cache import LatentMomentCache
 from sd3train.lit.loggers import wandb_run_id
 from sd3train.lit.nonfinite import NonFiniteGuard, SkippableAdamW
+from sd3train.lit.prompts import CPUTextConditioner
+from sd3train.model.compile import compile_blocks, compile_enabled
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.mmdit import MMDiT
 from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner
@@ -36,9 +45,18 @@ class SD3LitModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.mmdit = mmdit_from_config(cfg.model)
-        self.vae = vae_from_config(cfg.vae)  # frozen, eval mode
-        self.text = text_conditioner_from_config(cfg.text)
-        self.ema = EMAModel(self.mmdit, cfg.ema.decay) if cfg.ema.enabled else None
+        if compile_enabled(cfg.model.compile, cfg.trainer.accelerator, cfg.strategy.name):
+            compile_blocks(self.mmdit)  # in place, same parameter names; a deep copy (the EMA's) is eager
+        frozen_dtype = resolve_frozen_dtype(cfg)
+        self.vae = vae_from_config(cfg.vae, dtype=frozen_dtype)  # frozen, eval mode
+        if cfg.data.cached:
+            # The cache holds the encoders' outputs: the training device gets neither the text
+            # encoders (CPU, built when a preview first needs them) nor the VAE encoder.
+            self.text = CPUTextConditioner(cfg.text)
+            self.vae.encoder = self.vae.quant_conv = None
+        else:
+            self.text = text_conditioner_from_config(cfg.text, dtype=frozen_dtype)
+        self.ema = EMAModel(self.mmdit, cfg.ema.decay, cfg.ema.every_n_steps) if cfg.ema.enabled else None
         self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
         self.latent_cache = LatentMomentCache(cfg.data.latent_cache_max_samples) if cfg.data.cache_latents else None
         diffusion = cfg.diffusion
@@ -63,6 +81,13 @@ class SD3LitModule(L.LightningModule):
         return self.ema.shadow if self.ema is not None else self.mmdit
 
     # ------------------------------------------------------------------ training
+    def prepare_batch(self, batch: dict) -> dict:
+        """What the data module applies to a batch on the host before it moves to the device: the
+        captions' token ids, so they travel with the batch instead of being copied in the step."""
+        if "captions" in batch and "latent_mean" not in batch and isinstance(self.text, TextConditioner):
+            batch["token_ids"] = self.text.tokenize(batch["captions"])
+        return batch
+
     def _encode_batch(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         """Latents, context and pooled text for a batch; `generator` None means no randomness.
 
@@ -74,19 +99,20 @@ class SD3LitModule(L.LightningModule):
                 mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
             else:
                 mean, logvar = self._moments(batch)
-                std = torch.exp(0.5 * logvar)
+                mean, std = mean.float(), torch.exp(0.5 * logvar.float())
             if generator is None:
                 latents = self.vae.normalise(mean)
             else:
-                eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+                eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
                 latents = self.vae.normalise(mean + std * eps)
+            keep = None if generator is None else self.text.dropout_keep_mask(mean.shape[0], generator)
             if "latent_mean" in batch:
                 outputs = {name: batch[name].to(self.device, torch.float32) for name in TEXT_OUTPUTS}
-                keep = None if generator is None else self.text.dropout_keep_mask(len(batch["keys"]), generator)
-                context, pooled = TextConditioner.assemble(outputs, keep)
             else:
-                context, pooled = self.text(batch["captions"], generator=generator)
-        return latents.float(), context.to(self.device), pooled.to(self.device)
+                token_ids = batch.get("token_ids") or self.text.tokenize(batch["captions"])
+                outputs = self.text.encode_tokens(token_ids)
+            context, pooled = TextConditioner.assemble(outputs, keep)
+        return latents.float(), context.to(self.device, torch.float32), pooled.to(self.device, torch.float32)
 
     def _moments(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE posterior (mean, logvar) of the batch images, from the latent cache when it is on."""
@@ -107,26 +133,28 @@ class SD3LitModule(L.LightningModule):
     def _step_stream(self, batch_idx: int) -> str:
         # Micro-batches of one accumulated step need streams of their own.
         accumulate = self.cfg.trainer.accumulate_grad_batches
-        stream = "train" if accumulate == 1 else f"train-{batch_idx % accumulate}"
-        return stream
+        return "train" if accumulate == 1 else f"train-{batch_idx % accumulate}"
 
-    def _all_ranks_finite(self, value: torch.Tensor) -> bool:
-        """True only when `value` is finite on every rank, so all ranks skip the same steps."""
-        bad = torch.tensor(0.0 if bool(torch.isfinite(value).all()) else 1.0, device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        return float(bad) == 0.0
+    def _agreed(self, finite: torch.Tensor) -> torch.Tensor:
+        """`finite` (a device bool) and-ed over every rank, so all ranks skip the same steps; a
+        collective, but no value is read back to the host."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return finite
+        bad = self.trainer.strategy.reduce((~finite).float(), reduce_op="sum")
+        return bad == 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        generator = step_generator(self.cfg.trainer.seed, self.global_step, self.global_rank, self._step_stream(batch_idx))
+        device = self.device
+        generator = step_generator(self.cfg.trainer.seed, self.global_step, self.global_rank,
+                                   self._step_stream(batch_idx), device=device)
         latents, context, pooled = self._encode_batch(batch, generator)
         diffusion = self.cfg.diffusion
         t = sample_timesteps(
             latents.shape[0], diffusion.density, generator,
             logit_mean=diffusion.logit_mean, logit_std=diffusion.logit_std,
             mode_scale=diffusion.mode_scale, shift=self.train_shift,
-        ).to(self.device)
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        ).to(device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
         pos_offset = None
         if self.cfg.model.pos_embed_random_crop:  # drawn last: the step's other draws stay as without it
             patch = self.mmdit.patch_size
@@ -136,28 +164,29 @@ class SD3LitModule(L.LightningModule):
             )
         losses = self._flow_loss(latents, context, pooled, t, noise, pos_offset)
         loss = losses.mean()
-        finite = self._all_ranks_finite(loss.detach())
+        finite = torch.isfinite(loss.detach())
         self.guard.observe_loss(finite)
-        if finite:
-            sums, counts = binned_mean(losses.detach().double(), t, diffusion.num_loss_bins)
-            self.bin_sums += sums.to(self.bin_sums)
-            self.bin_counts += counts.to(self.bin_counts)
-        batch_size = latents.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        sums, counts = binned_mean(losses.detach().double(), t, diffusion.num_loss_bins)
+        # A non-finite step adds nothing to the bins (a NaN times zero is still NaN: select instead).
+        self.bin_sums += torch.where(finite, sums, 0.0).to(self.bin_sums)
+        self.bin_counts += torch.where(finite, counts, 0.0).to(self.bin_counts)
+        self.log("train/loss", loss, batch_size=latents.shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.mmdit.parameters() if p.grad is not None]
-        grad_finite = True
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         if grads:  # the norm before clipping, which is what shows an instability coming
             norm = torch.nn.utils.get_total_norm(grads)
             self.log("train/grad_norm", norm)
-            grad_finite = self._all_ranks_finite(norm.detach())
-        skip = self.guard.decide(grad_finite)
+            finite = torch.isfinite(norm)
+            if self.cfg.optim.grad_clip is not None and not _under_deepspeed(self):
+                # Clipped with the norm just computed (Lightning's own clipping, which would compute
+                # it again, is off: sd3train/lit/trainer.py); a skipped step's NaN scale is never applied.
+                torch.nn.utils.clip_grads_with_norm_(self.mmdit.parameters(), self.cfg.optim.grad_clip, norm)
+        ok = self.guard.decide(self._agreed(self.guard.take_window() & finite), step=self.global_step + 1)
         for inner in _inner_optimizers(optimizer):
-            inner.skip_update = skip
-        self.log("train/nonfinite_steps", float(self.guard.total))
+            inner.found_inf = (~ok).float()
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -169,8 +198,9 @@ class SD3LitModule(L.LightningModule):
         # The EMA follows the update here, not in on_train_batch_end: callbacks (the checkpoint
         # among them) see a step's end before the module does, and must see its EMA too.
         # global_step counts this step only after the hook returns.
-        if self.ema is not None and self.global_step + 1 >= self.cfg.ema.start_step and not self.guard.last_skipped:
-            self.ema.update(self.mmdit)
+        step = self.global_step + 1
+        if self.ema is not None and step >= self.cfg.ema.start_step and self.ema.due(step):
+            self.ema.update(self.mmdit, applied=self.guard.ok)
 
     @property
     def last_step_nonfinite(self) -> bool:
@@ -178,28 +208,34 @@ class SD3LitModule(L.LightningModule):
         return self.guard.last_skipped
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        at_step_end = (batch_idx + 1) % self.cfg.trainer.accumulate_grad_batches == 0
-        if at_step_end:
-            self.guard.check(self.global_step)
-
-        if self.global_step % self.cfg.trainer.log_every_n_steps == 0:
-            sums = self.trainer.strategy.reduce(self.bin_sums.clone(), reduce_op="sum")
-            counts = self.trainer.strategy.reduce(self.bin_counts.clone(), reduce_op="sum")
-            for index in range(len(sums)):
-                if counts[index] > 0:
-                    self.log(f"train/loss_bin_{index}", (sums[index] / counts[index]).float())
-            self.bin_sums.zero_()
-            self.bin_counts.zero_()
+        if (batch_idx + 1) % self.cfg.trainer.accumulate_grad_batches:
+            return  # mid accumulation: nothing was decided yet
+        step, trainer_cfg = self.global_step, self.cfg.trainer
+        logging = step % trainer_cfg.log_every_n_steps == 0
+        if logging or step % trainer_cfg.checkpoint_every_n_steps == 0 or step >= trainer_cfg.max_steps:
+            self.guard.check()  # K non-finite steps in a row stop the run here, at the step they ended
+        if not logging:
+            return
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/nonfinite_steps", self.guard.total.float())
+        sums = self.trainer.strategy.reduce(self.bin_sums.clone(), reduce_op="sum")
+        counts = self.trainer.strategy.reduce(self.bin_counts.clone(), reduce_op="sum")
+        for index in range(len(sums)):
+            if counts[index] > 0:
+                self.log(f"train/loss_bin_{index}", (sums[index] / counts[index]).float())
+        self.bin_sums.zero_()
+        self.bin_counts.zero_()
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         latents, context, pooled = self._encode_batch(batch, generator=None)
         # The same noise at every evaluation, so validation curves compare like with like.
-        generator = torch.Generator().manual_seed(derive_seed(self.cfg.trainer.seed, "validation", batch_idx))
+        generator = torch.Generator(device=self.device).manual_seed(
+            derive_seed(self.cfg.trainer.seed, "validation", batch_idx))
         batch_size = latents.shape[0]
         total = 0.0
         for t_value in VALIDATION_TIMESTEPS:
-            noise = torch.randn(latents.shape, generator=generator).to(self.device)
+            noise = torch.randn(latents.shape, generator=generator, device=self.device)
             t = torch.full((batch_size,), t_value, device=self.device)
             loss = self._flow_loss(latents, context, pooled, t, noise).mean()
             self.log(f"val/loss_t{t_value:.3f}", loss, sync_dist=True, batch_size=batch_size)
@@ -249,8 +285,25 @@ class SD3LitModule(L.LightningModule):
         # Parts left out at save time come from the weight files they were loaded from.
         state = checkpoint["state_dict"]
         for prefix, module in (("vae.", self.vae), ("text.", self.text)):
+            if not isinstance(module, torch.nn.Module):
+                continue  # the CPU text encoders of a run on the cache are not part of its state
             for key, value in module.state_dict().items():
                 state.setdefault(prefix + key, value)
+
+
+def resolve_frozen_dtype(cfg: TrainConfig) -> torch.dtype:
+    """`trainer.frozen_dtype` as a torch dtype; "auto" follows the training precision (fp32 under
+    DeepSpeed, whose ZeRO-3 partitions the frozen parts with the trained ones)."""
+    name = cfg.trainer.frozen_dtype
+    if name == "auto":
+        precision = cfg.trainer.precision
+        name = ("bf16" if precision.startswith("bf16") else "fp16" if precision.startswith("16") else "fp32")
+        name = "fp32" if cfg.strategy.name == "deepspeed" else name
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _under_deepspeed(module: L.LightningModule) -> bool:
+    return module._trainer is not None and hasattr(module.trainer.strategy, "deepspeed_engine")
 
 
 def _inner_optimizers(optimizer) -> list:

@@ -4,10 +4,10 @@
     trainer.fit(module, datamodule=data, ckpt_path=...)
     stop.stopped_at          # the step checkpointed for a preemption stop, else None
 
-Callbacks run in this order: data metrics, the preemption stop, previews and evaluation, the
-progress bar, the dotted paths of `trainer.callbacks`, `extra_callbacks` (what an in-process caller
-such as a test adds), and last the atomic checkpoint (Lightning runs every `Checkpoint` after the
-other callbacks, so their state in it is that of the step).
+Callbacks run in this order: step throughput (MFU), data metrics, the preemption stop, previews
+and evaluation, the progress bar, the dotted paths of `trainer.callbacks`, `extra_callbacks` (what
+an in-process caller such as a test adds), and last the atomic checkpoint (Lightning runs every
+`Checkpoint` after the other callbacks, so their state in it is that of the step).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sd3train.lit.checkpointing import AtomicCheckpoint
 from sd3train.lit.loggers import build_loggers
 from sd3train.lit.preemption import StopOnPreemption
 from sd3train.lit.strategy import build_strategy
+from sd3train.lit.throughput import StepThroughput
 from sd3train.runtime.dotted import import_object
 
 
@@ -60,6 +61,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.C
     checkpointer = AtomicCheckpoint(run_dir, cfg, trainer_cfg.checkpoint_every_n_steps, trainer_cfg.keep_checkpoints)
     stop_on_preemption = StopOnPreemption(checkpointer)
     callbacks = [
+        # First, so a logging step's clock is read before other callbacks' work at that step.
+        StepThroughput.from_config(cfg),
         DataMetrics(trainer_cfg.log_every_n_steps),
         checkpointer,
         stop_on_preemption,
@@ -68,7 +71,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.C
         ),
     ]
     if trainer_cfg.progress_bar:
-        callbacks.append(StepProgressBar(refresh_rate=max(1, trainer_cfg.log_every_n_steps // 2)))
+        # Refreshed at logging steps only: reading the loss for it waits for the device.
+        callbacks.append(StepProgressBar(refresh_rate=max(1, trainer_cfg.log_every_n_steps)))
     callbacks += user_callbacks(trainer_cfg.callbacks) + list(extra_callbacks)
     has_val = cfg.data.val_shards is not None and cfg.data.val_batches > 0
     world_size = trainer_cfg.devices * trainer_cfg.num_nodes
@@ -85,7 +89,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.C
         check_val_every_n_epoch=None,
         limit_val_batches=cfg.data.val_batches if has_val else 0,
         num_sanity_val_steps=0,
-        gradient_clip_val=cfg.optim.grad_clip,
+        # DeepSpeed clips inside its engine; otherwise the module clips with the norm it computes
+        # for the non-finite guard anyway (sd3train/lit/module.py), so it is computed once.
+        gradient_clip_val=cfg.optim.grad_clip if cfg.strategy.name == "deepspeed" else None,
         callbacks=callbacks,
         logger=build_loggers(cfg, run_dir),
         enable_progress_bar=trainer_cfg.progress_bar,

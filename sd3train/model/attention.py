@@ -4,17 +4,57 @@ Each stream (image, text) owns an `Attention` that only projects (`pre_attention
 `post_attention` -> output projection). The attention itself runs once over the concatenation of
 both streams (`joint_attention`), which is what makes the MM-DiT "multi-modal".
 Names (`qkv`, `proj`, `ln_q`, `ln_k`) follow Stability's official checkpoints.
+
+Which SDPA kernel runs is `model.attention_backend` (`sdpa_backends` turns the name into the list
+torch.nn.attention.sdpa_kernel takes); the list travels into `attention` as an argument, so a
+compiled block bakes it into its graph instead of breaking it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 QK_NORMS = (None, "rms")
+
+# `model.attention_backend` -> the SDPA kernels it allows. "auto" is resolved per device by
+# `sdpa_backends`; the others allow exactly one kernel (a device without it fails in SDPA, saying so).
+ATTENTION_BACKENDS = {
+    "auto": None,
+    "flash": (SDPBackend.FLASH_ATTENTION,),
+    "cudnn": (SDPBackend.CUDNN_ATTENTION,),
+    "efficient": (SDPBackend.EFFICIENT_ATTENTION,),
+    "math": (SDPBackend.MATH,),
+}
+# "auto" on Hopper: cuDNN's fused attention first (NVIDIA's cuDNN 9 figures put it ahead of
+# FlashAttention-2, which is torch's flash kernel, on H100/H200), then torch's own order. Without
+# set_priority torch tries cuDNN last, after flash and memory-efficient.
+HOPPER_PRIORITY = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH)
+
+
+def sdpa_backends(name: str, device: torch.device) -> Optional[tuple[SDPBackend, ...]]:
+    """The SDPA kernels `model.attention_backend=name` allows on `device`, in priority order;
+    None: torch's own choice ("auto" anywhere but a CUDA device of compute capability 9.x)."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name != "auto":
+        return ATTENTION_BACKENDS[name]
+    device = torch.device(device)
+    if device.type == "cuda" and _cuda_major(device.index) == 9:
+        return HOPPER_PRIORITY
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index: Optional[int]) -> int:
+    # Cached: asked once per forward, and the answer cannot change while the process runs.
+    return torch.cuda.get_device_capability(index)[0]
 
 
 class RMSNorm(nn.Module):
@@ -32,16 +72,26 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight.to(x.dtype)
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of (B, heads, L, head_dim) inputs; returns (B, L, heads * head_dim)."""
+def attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backends: Optional[Sequence[SDPBackend]] = None
+) -> torch.Tensor:
+    """Softmax attention of (B, heads, L, head_dim) inputs; returns (B, L, heads * head_dim).
+
+    `backends`: the SDPA kernels allowed, first preferred (`sdpa_backends`); None: torch's choice.
+    """
     batch, heads, length, head_dim = query.shape
-    out = F.scaled_dot_product_attention(query, key, value)  # (B, heads, L, head_dim)
+    if backends is None:
+        out = F.scaled_dot_product_attention(query, key, value)  # (B, heads, L, head_dim)
+    else:
+        with sdpa_kernel(list(backends), set_priority=len(backends) > 1):
+            out = F.scaled_dot_product_attention(query, key, value)  # (B, heads, L, head_dim)
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (B, L, heads*head_dim)
 
 
 def joint_attention(
     context_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     image_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    backends: Optional[Sequence[SDPBackend]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention over [context; image] tokens, split back: returns (context_out, image_out).
 
@@ -50,7 +100,7 @@ def joint_attention(
     """
     context_length = context_qkv[0].shape[2]
     q, k, v = (torch.cat([c, x], dim=2) for c, x in zip(context_qkv, image_qkv))  # (B, heads, Lc+Lx, head_dim)
-    out = attention(q, k, v)  # (B, Lc+Lx, heads*head_dim)
+    out = attention(q, k, v, backends)  # (B, Lc+Lx, heads*head_dim)
     return out[:, :context_length], out[:, context_length:]
 
 
@@ -97,6 +147,6 @@ class Attention(nn.Module):
             raise RuntimeError("a pre-only attention has no output projection")
         return self.proj(out)
 
-    def self_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def self_attention(self, x: torch.Tensor, backends: Optional[Sequence[SDPBackend]] = None) -> torch.Tensor:
         """Plain self-attention of one stream (MMDiT-X's extra image attention): (B, L, dim) -> (B, L, dim)."""
-        return self.post_attention(attention(*self.pre_attention(x)))
+        return self.post_attention(attention(*self.pre_attention(x), backends))

@@ -70,9 +70,13 @@ def crop_pos_embed_at(
     offsets = offsets.to(torch.int64)
     rows_ok = (offsets[:, 0] >= 0) & (offsets[:, 0] + grid_h <= max_size)
     cols_ok = (offsets[:, 1] >= 0) & (offsets[:, 1] + grid_w <= max_size)
-    if not bool((rows_ok & cols_ok).all()):
+    try:
+        # Checked where the offsets are: on a GPU the step goes on (a failure surfaces as a device
+        # assert), since reading the answer back would make every training step wait.
+        torch._assert_async((rows_ok & cols_ok).all(), "a position crop leaves the position table")
+    except RuntimeError:  # on the CPU the check is immediate
         raise ValueError(f"a {grid_h}x{grid_w} crop at offsets {offsets.tolist()} leaves the {max_size}x{max_size} "
-                         "position table")
+                         "position table") from None
     offsets = offsets.to(table.device)
     rows = offsets[:, :1] + torch.arange(grid_h, device=table.device)  # (B, grid_h)
     cols = offsets[:, 1:] + torch.arange(grid_w, device=table.device)  # (B, grid_w)
@@ -101,7 +105,8 @@ def random_crop_offsets(
     for grid in (grid_h, grid_w):
         span = max(window, grid)
         low = (max_size - span) // 2  # centred like crop_pos_embed, so the window's middle is the centre crop's
-        axes.append(low + torch.randint(0, span - grid + 1, (batch_size,), generator=generator))
+        draws = torch.randint(0, span - grid + 1, (batch_size,), generator=generator, device=generator.device)
+        axes.append(low + draws)
     return torch.stack(axes, dim=1)  # (B, 2)
 
 

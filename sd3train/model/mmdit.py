@@ -8,7 +8,11 @@ Parameter names are those of Stability's single-file checkpoints under `model.di
     model = MMDiT(depth=2, context_dim=96, pooled_dim=48, in_channels=4, pos_embed_max_size=16, sample_size=16)
     velocity = model(latents, t, context, pooled)  # t (B,) in [0, 1]; t = 1 is pure noise
 
-Tests: `python -m pytest tests/unit/model -q -k mmdit`.
+Training options that do not change the weights: `activation_checkpointing` (none, full, selective,
+every_k; applied inside each joint block, so a block compiled by `sd3train.model.compile_blocks`
+traces it) and `attention_backend` (which SDPA kernel runs, `sd3train.model.attention`).
+
+Tests: `python -m pytest tests/unit/model -q -k "mmdit or compile or checkpointing or attention"`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from sd3train.model.attention import Attention, joint_attention
+from sd3train.model.activation_checkpointing import block_checkpointing, selective_checkpoint_contexts
+from sd3train.model.attention import ATTENTION_BACKENDS, Attention, joint_attention, sdpa_backends
 from sd3train.model.embeddings import (
     MLPEmbedder,
     PatchEmbed,
@@ -87,8 +92,10 @@ class StreamBlock(nn.Module):
             self.mlp = MLP(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, self.num_chunks * hidden_size))
 
-    def pre_attention(self, x: torch.Tensor, cond: torch.Tensor):
-        """Tokens (B, L, D), conditioning (B, D) -> (q, k, v) for the joint attention, state for post_attention."""
+    def pre_attention(self, x: torch.Tensor, cond: torch.Tensor, attention_backends=None):
+        """Tokens (B, L, D), conditioning (B, D) -> (q, k, v) for the joint attention, state for post_attention.
+
+        `attention_backends` picks the SDPA kernels of the dual attention (`attention.sdpa_backends`)."""
         # Order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]
         mods = self.adaLN_modulation(cond).chunk(self.num_chunks, dim=1)  # each (B, D)
         normed = self.norm1(x)
@@ -98,7 +105,7 @@ class StreamBlock(nn.Module):
         attn2_out = None
         if self.dual_attention:
             # Both attentions read the same norm1(x), each with its own modulation.
-            attn2_out = self.attn2.self_attention(modulate(normed, mods[6], mods[7]))  # (B, L, D)
+            attn2_out = self.attn2.self_attention(modulate(normed, mods[6], mods[7]), attention_backends)  # (B, L, D)
         return qkv, (x, mods, attn2_out)
 
     def post_attention(self, attn_out: torch.Tensor, state) -> torch.Tensor:
@@ -112,7 +119,12 @@ class StreamBlock(nn.Module):
 
 
 class JointBlock(nn.Module):
-    """An image stream and a text stream that meet in one attention."""
+    """An image stream and a text stream that meet in one attention.
+
+    `checkpointing` ("none", "full", "selective") applies while training with gradients; it lives
+    here, not around the call, so a compiled block (`compile_blocks`) traces the checkpoint too, as
+    torchtitan applies activation checkpointing before compiling.
+    """
 
     def __init__(
         self,
@@ -128,12 +140,25 @@ class JointBlock(nn.Module):
         common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm)
         self.context_block = StreamBlock(hidden_size, num_heads, pre_only=context_pre_only, **common)
         self.x_block = StreamBlock(hidden_size, num_heads, dual_attention=dual_attention, **common)
+        self.checkpointing = "none"  # MMDiT.set_activation_checkpointing sets it
 
-    def forward(self, context: torch.Tensor, x: torch.Tensor, cond: torch.Tensor):
-        """context (B, Lc, D), image tokens x (B, Lx, D), cond (B, D) -> (context or None, x)."""
-        context_qkv, context_state = self.context_block.pre_attention(context, cond)
-        x_qkv, x_state = self.x_block.pre_attention(x, cond)
-        context_out, x_out = joint_attention(context_qkv, x_qkv)  # (B, Lc, D), (B, Lx, D)
+    def forward(self, context: torch.Tensor, x: torch.Tensor, cond: torch.Tensor, attention_backends=None):
+        """context (B, Lc, D), image tokens x (B, Lx, D), cond (B, D) -> (context or None, x).
+
+        `attention_backends`: the SDPA kernels allowed (`attention.sdpa_backends`); None: torch's choice.
+        """
+        if self.checkpointing == "none" or not (self.training and torch.is_grad_enabled()):
+            return self._forward(context, x, cond, attention_backends)
+        # No random op in a block, so the recomputation needs no saved RNG state.
+        options = dict(use_reentrant=False, preserve_rng_state=False)
+        if self.checkpointing == "selective":
+            options["context_fn"] = selective_checkpoint_contexts
+        return torch.utils.checkpoint.checkpoint(self._forward, context, x, cond, attention_backends, **options)
+
+    def _forward(self, context: torch.Tensor, x: torch.Tensor, cond: torch.Tensor, attention_backends):
+        context_qkv, context_state = self.context_block.pre_attention(context, cond, attention_backends)
+        x_qkv, x_state = self.x_block.pre_attention(x, cond, attention_backends)
+        context_out, x_out = joint_attention(context_qkv, x_qkv, attention_backends)  # (B, Lc, D), (B, Lx, D)
         x = self.x_block.post_attention(x_out, x_state)
         if self.context_block.pre_only:
             return None, x
@@ -177,7 +202,9 @@ class MMDiT(nn.Module):
         qk_norm: Optional[str] = None,
         dual_attention_layers: Sequence[int] = (),
         qkv_bias: bool = True,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: str | bool = "none",
+        activation_checkpointing_every: int = 2,
+        attention_backend: str = "auto",
     ):
         super().__init__()
         if depth < 1:
@@ -188,6 +215,9 @@ class MMDiT(nn.Module):
         bad_layers = [i for i in dual_attention_layers if not 0 <= i < depth]
         if bad_layers:
             raise ValueError(f"dual_attention_layers {bad_layers} are outside 0..{depth - 1}")
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {attention_backend!r}")
         self.depth = depth
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -196,9 +226,8 @@ class MMDiT(nn.Module):
         self.out_channels = in_channels if out_channels is None else out_channels
         self.pos_embed_max_size = pos_embed_max_size
         self.dual_attention_layers = dual_attention_layers
-        # Recompute each joint block in the backward pass instead of keeping its activations:
-        # about one more forward of compute for activation memory of one block, not `depth` blocks.
-        self.activation_checkpointing = activation_checkpointing
+        # Read at every forward, so it can be changed on a built model.
+        self.attention_backend = attention_backend
 
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
         # Persistent: the official checkpoints store the table, and a loaded one must be used as is.
@@ -220,7 +249,19 @@ class MMDiT(nn.Module):
             for i in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.set_activation_checkpointing(activation_checkpointing, activation_checkpointing_every)
         self.initialize_weights()
+
+    def set_activation_checkpointing(self, mode: str | bool, every: int = 2) -> None:
+        """What the joint blocks recompute in backward (ACTIVATION_CHECKPOINTING); `every` is every_k's k.
+        True/False are the settings of older configs and checkpoints: full and none.
+        Set it before `compile_blocks`: a compiled block recompiles when it changes."""
+        if isinstance(mode, bool):
+            mode = "full" if mode else "none"
+        for block, block_mode in zip(self.joint_blocks, block_checkpointing(mode, every, self.depth)):
+            block.checkpointing = block_mode
+        self.activation_checkpointing = mode
+        self.activation_checkpointing_every = every
 
     @classmethod
     def from_config(cls, cfg) -> "MMDiT":
@@ -243,6 +284,8 @@ class MMDiT(nn.Module):
             dual_attention_layers=tuple(cfg.dual_attention_layers),
             qkv_bias=cfg.qkv_bias,
             activation_checkpointing=cfg.activation_checkpointing,
+            activation_checkpointing_every=cfg.activation_checkpointing_every,
+            attention_backend=cfg.attention_backend,
         )
 
     @torch.no_grad()
@@ -318,14 +361,12 @@ class MMDiT(nn.Module):
         cond = self.t_embedder(t.float() * TIMESTEP_SCALE) + self.y_embedder(pooled)  # (B, D)
         context = self.context_embedder(context)  # (B, L, D)
 
-        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        # Resolved here, outside the blocks: a compiled block then sees a constant list, not a device query.
+        attention_backends = sdpa_backends(self.attention_backend, x.device)
         for index, block in enumerate(self.joint_blocks):
             if index in skip:
                 continue
-            if checkpointing:
-                context, x = torch.utils.checkpoint.checkpoint(block, context, x, cond, use_reentrant=False)
-            else:
-                context, x = block(context, x, cond)
+            context, x = block(context, x, cond, attention_backends)
 
         x = self.final_layer(x, cond)  # (B, h*w, p*p*C)
         return self.unpatchify(x, grid_h, grid_w)

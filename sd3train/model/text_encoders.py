@@ -19,6 +19,7 @@ pooled part become exact zeros.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,9 +118,10 @@ def sample_keep_mask(
     batch_size: int, dropout: tuple[float, float, float], generator: torch.Generator
 ) -> torch.Tensor:
     """(B, 3) bool, column k True with probability 1 - dropout[k], drawn on the generator's device."""
-    keep_probability = 1.0 - torch.tensor(dropout, dtype=torch.float32, device=generator.device)
     draws = torch.rand((batch_size, len(dropout)), generator=generator, device=generator.device)
-    return draws < keep_probability  # (B, 3)
+    # The thresholds as Python numbers (each the float32 1 - p): a tensor of them would be a host copy.
+    keep_probability = [float(np.float32(1.0) - np.float32(p)) for p in dropout]
+    return torch.stack([draws[:, k] < keep for k, keep in enumerate(keep_probability)], dim=1)  # (B, 3)
 
 
 def _zero_dropped(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

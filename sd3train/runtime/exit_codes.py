@@ -21,5 +21,5 @@ def out_of_memory_report(error: BaseException) -> str:
     rank = os.environ.get("RANK", "0")
     summary = torch.cuda.memory_summary(abbreviated=True) if torch.cuda.is_available() else "(no CUDA device)"
     return (f"out of memory on rank {rank}: {str(error).splitlines()[0]}\n{summary}\n"
-            "No checkpoint was written for the failed step; lower data.batch_size, turn on "
-            "model.activation_checkpointing, or shard more (strategy=zero2|zero3).")
+            "No checkpoint was written for the failed step; lower data.batch_size, set "
+            "model.activation_checkpointing=selective|full, or shard more (strategy=zero2|zero3).")

@@ -17,6 +17,7 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def step_generator(seed: int, step: int, rank: int, stream: str) -> torch.Generator:
-    """CPU generator for one named stream at one optimizer step on one rank."""
-    return torch.Generator().manual_seed(derive_seed(seed, step, rank, stream))
+def step_generator(seed: int, step: int, rank: int, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """Generator for one named stream at one optimizer step on one rank, on `device`: the training
+    device's own generator draws there without a host copy (seeding it reads nothing back)."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, step, rank, stream))

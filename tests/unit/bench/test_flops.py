@@ -5,9 +5,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sd3train.bench.flops import mmdit_forward_flops, mmdit_forward_flops_by_part, training_step_flops
 from sd3train.config.schema import ModelConfig
 from sd3train.model.embeddings import TIMESTEP_FREQUENCY_DIM
+from sd3train.model.flops import mmdit_forward_flops, mmdit_forward_flops_by_part, training_step_flops
 from sd3train.model.mmdit import MMDiT
 
 TEXT_TOKENS = 7

@@ -98,3 +98,80 @@ def test_missing_diffusers_says_to_install_the_test_extra(monkeypatch, capsys):
         train_step.main([*TINY_ARGS, "--steps", "1"])
     assert exit_info.value.code == 2
     assert "pip install -e '.[test]'" in capsys.readouterr().err
+
+
+def test_new_model_options_reach_the_model_config():
+    args = train_step.parse_args([*TINY_ARGS, "--activation-checkpointing", "selective", "--attention-backend", "math",
+                                  "--compile"])
+    config = train_step.model_config(args)
+    assert (config.activation_checkpointing, config.attention_backend, config.compile) == ("selective", "math", True)
+    plain = train_step.model_config(train_step.parse_args(TINY_ARGS))
+    assert (plain.activation_checkpointing, plain.attention_backend, plain.compile) == ("none", "auto", False)
+
+
+def test_variants_report_their_ratio_to_diffusers_and_peak_memory(monkeypatch, capsys, tmp_path):
+    """Subprocess results made up: diffusers 30 ms/step, bare 20, step 24, and an error."""
+    made_up = {"diffusers": [0.030, 0.031, 0.029], "bare": [0.020, 0.021, 0.019], "step": [0.024, 0.025, 0.023]}
+
+    def fake_subprocess(name, args):
+        if name == "interleaved":
+            return {"error": "exit status 1: boom"}
+        return {"seconds": made_up[name], "peak_memory_bytes": 2e9, "peak_memory_kind": "process max RSS"}
+
+    monkeypatch.setattr(train_step, "run_in_subprocess", fake_subprocess)
+    out = tmp_path / "result.json"
+    result = train_step.main([*TINY_ARGS, "--variants", "interleaved", "diffusers", "bare", "step", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert "each in its own process" in capsys.readouterr().out  # the table, with the JSON in OUT
+    variants = result["variants"]
+    assert variants["bare"]["median_ms"] == pytest.approx(20.0)
+    assert variants["bare"]["ratio_to_diffusers"] == pytest.approx(1.5)
+    assert variants["step"]["ratio_to_diffusers"] == pytest.approx(1.25)
+    assert variants["diffusers"]["ratio_to_diffusers"] == pytest.approx(1.0)
+    assert variants["step"]["achieved_tflops"] == pytest.approx(result["training_flops_per_step"] / 0.024 / 1e12)
+    assert variants["step"]["peak_memory_bytes"] == 2e9
+    assert "ours" not in result and "interleaved subprocess failed" in result["interleaved_error"]
+    train_step.main([*TINY_ARGS, "--variants", "diffusers", "bare", "step"])
+    table = capsys.readouterr().out
+    assert "1.500" in table and "1.250" in table
+
+
+def test_subprocess_arguments_drop_the_parents_own_options():
+    argv = ["--model", "tiny", "--variants", "bare", "step", "--json", "out.json", "--activation-checkpointing",
+            "--batch", "2"]
+    assert train_step._without_options(argv, ("--variants", "--json")) == [
+        "--model", "tiny", "--activation-checkpointing", "--batch", "2"]
+
+
+def test_bare_variant_runs_in_its_own_process():
+    result = train_step.main([*TINY_ARGS, "--warmup", "0", "--steps", "2", "--variants", "bare"])
+    row = result["variants"]["bare"]
+    assert row["median_ms"] > 0 and row["peak_memory_bytes"] > 0 and row["ratio_to_diffusers"] is None
+    assert row["peak_memory_kind"] == "process max RSS"
+
+
+@pytest.mark.parametrize("worker", ["bare", "diffusers", "step"])
+def test_each_worker_times_its_steps_after_the_warm_up(worker):
+    args = train_step.parse_args([*TINY_ARGS, "--warmup", "1", "--steps", "3", "--variants", worker,
+                                  "--worker", worker, "--activation-checkpointing", "full"])
+    outcome = train_step.run_worker(args)
+    assert len(outcome["seconds"]) == 3 and all(seconds > 0 for seconds in outcome["seconds"])
+    assert outcome["peak_memory_bytes"] > 0
+
+
+def test_step_variant_config_is_our_model_on_cache_batches_of_the_benchmarks_shapes(tmp_path):
+    from sd3train.bench import step_variant
+    from sd3train.data.cache_format import TEXT_OUTPUTS
+    from sd3train.model.text_encoders import TextConditioner
+
+    args = train_step.parse_args([*TINY_ARGS, "--activation-checkpointing", "selective", "--variants", "step",
+                                  "--warmup", "2", "--steps", "5", "--peak-tflops", "3"])
+    config = train_step.model_config(args)
+    cfg = step_variant.step_config(config, args, tmp_path)
+    assert cfg.model == config
+    assert cfg.data.cached and (cfg.data.batch_size, cfg.trainer.max_steps, cfg.trainer.peak_tflops) == (2, 7, 3.0)
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.logger.wandb) == ("cpu", "32-true", False)
+    batch = step_variant.cached_batch(cfg, args)
+    assert batch["latent_mean"].shape == batch["latent_std"].shape == (2, config.in_channels, 4, 4)
+    context, pooled = TextConditioner.assemble({name: batch[name].float() for name in TEXT_OUTPUTS})
+    assert context.shape == (2, 4, config.context_dim) and pooled.shape == (2, config.pooled_dim)

@@ -19,3 +19,22 @@ def test_retired_settings_and_unimportable_callbacks_are_dropped(training_checkp
     config = read_training_checkpoint(old).config
     assert config.trainer.callbacks == [] and not hasattr(config.trainer, "debug_nan_loss_steps")
     assert config.model.depth == 2
+
+
+def test_a_checkpoint_from_before_the_checkpointing_modes_reads_true_as_full(training_checkpoint, tmp_path):
+    checkpoint = torch.load(training_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["sd3train_config"]["model"]["activation_checkpointing"] = True  # what it stored then
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    assert read_training_checkpoint(old).config.model.activation_checkpointing == "full"
+
+
+def test_how_the_training_machine_ran_the_model_is_not_carried_over(training_checkpoint, tmp_path):
+    checkpoint = torch.load(training_checkpoint, map_location="cpu", weights_only=False)
+    # A run on GPUs with cuDNN attention, compiled, read on this CPU (where cudnn attention does not exist).
+    checkpoint["sd3train_config"]["model"].update(attention_backend="cudnn", compile=True)
+    checkpoint["sd3train_config"]["trainer"]["accelerator"] = "gpu"
+    gpu_run = tmp_path / "gpu.ckpt"
+    torch.save(checkpoint, gpu_run)
+    model = read_training_checkpoint(gpu_run).config.model
+    assert (model.attention_backend, model.compile) == ("auto", None)

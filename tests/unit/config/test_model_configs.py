@@ -48,7 +48,7 @@ def test_released_config_composes_with_the_released_architecture_and_size(
 def test_only_sd35_medium_random_crops_positions_and_none_checkpoints_by_default(tmp_path):
     crops = {name: compose_model(tmp_path, f"model={name}").pos_embed_random_crop for name, *_ in RELEASED}
     assert crops == {"sd3_medium": False, "sd35_medium": True, "sd35_large": False}
-    assert not compose_model(tmp_path, "model=sd35_large").activation_checkpointing
+    assert compose_model(tmp_path, "model=sd35_large").activation_checkpointing == "none"
 
 
 def test_generic_mmdit_config_takes_its_width_and_heads_from_depth(tmp_path):

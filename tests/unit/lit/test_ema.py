@@ -47,3 +47,22 @@ def test_ema_state_round_trips():
     assert int(copy.num_updates) == 1
     for a, b in zip(copy.shadow.parameters(), ema.shadow.parameters()):
         assert torch.equal(a, b)
+
+
+def test_every_k_steps_the_average_takes_decay_to_the_k_and_a_skipped_step_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema = EMAModel(model, decay=0.9, every_n_steps=4)
+    ema.num_updates.fill_(1000)  # past the warm-up
+    assert [ema.due(step) for step in range(1, 9)] == [False, False, False, True] * 2
+    assert torch.isclose(ema.current_decay(), torch.tensor(0.9**4, dtype=torch.float64))
+    before = [p.detach().clone() for p in ema.shadow.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, applied=torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow.parameters())) and int(ema.num_updates) == 1000
+    ema.update(model, applied=torch.tensor(True))
+    for shadow, old, new in zip(ema.shadow.parameters(), before, model.parameters()):
+        torch.testing.assert_close(shadow, 0.9**4 * old + (1 - 0.9**4) * new, rtol=2.4e-7, atol=1e-7)
+    assert int(ema.num_updates) == 1001

@@ -10,7 +10,7 @@ A training step is counted as 3x the forward (backward = 2x: input and weight gr
 usual convention for MFU: it counts model FLOPs, not the recomputation of activation
 checkpointing, and ignores that the first layers need no gradient with respect to their input.
 
-    from sd3train.bench.flops import mmdit_forward_flops, training_step_flops
+    from sd3train.model.flops import mmdit_forward_flops, training_step_flops
     flops = training_step_flops(config, batch=8, latent_h=64, latent_w=64, text_tokens=154)
 """
 
