@@ -46,6 +46,7 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> int | None:
 
     from sd3train.checkpoint.step_dirs import check_resume_world_size, resume_checkpoint
     from sd3train.data.datamodule import ShardDataModule
+    from sd3train.lit.denormals import flush_before_threads_start
     from sd3train.lit.module import SD3LitModule
     from sd3train.lit.trainer import build_trainer
 
@@ -61,6 +62,7 @@ def fit(cfg: TrainConfig, extra_callbacks: tuple = ()) -> int | None:
     # Shards are checked before the models are built: a wrong path fails in seconds.
     data = ShardDataModule(cfg.data, seed=cfg.trainer.seed)
     data.setup()
+    flush_before_threads_start(cfg.trainer.accelerator)  # sd3train/lit/denormals.py
     module = SD3LitModule(cfg)
     data.prepare_batch = module.prepare_batch  # token ids made on the host, moved with the batch
     trainer, stop_on_preemption = build_trainer(cfg, run_dir, extra_callbacks)

@@ -8,9 +8,9 @@ is exact for the shipped configs. Per component, for `trainer.precision` bf16-mi
 weights, bf16 autocast; 32-true is the same without autocast):
 
     MM-DiT weights and buffers   fp32 (the position table is a buffer)
-    gradients                    fp32, one per weight
-    DDP gradient buckets         fp32, one per weight: torch DDP copies the gradients into flat
-                                 buckets for the all-reduce (Lightning leaves gradient_as_bucket_view off)
+    gradients                    fp32, one per weight, held in DDP's all-reduce buckets
+                                 (sd3train/lit/strategy.py sets gradient_as_bucket_view, so there is
+                                 no second copy)
     AdamW moments                2 x fp32 per weight
     EMA copy                     fp32 weights and buffers (a deep copy of the MM-DiT)
     frozen encoders              CLIP-L, OpenCLIP bigG, T5-XXL and the VAE encoder and decoder in the
@@ -114,7 +114,6 @@ def resident_components(parameters: int, buffers: int, encoders: dict[str, int],
     return {
         "mmdit_weights": weight * (parameters + buffers),
         "gradients": weight * parameters,
-        "ddp_gradient_buckets": weight * parameters,
         "adamw_moments": 2 * weight * parameters,
         "ema_copy": weight * (parameters + buffers),
         "frozen_encoders": frozen * (encoders.get("vae_decoder", 0) if cached else sum(encoders.values())),
@@ -177,8 +176,8 @@ def report(result: dict) -> str:
         "",
         f"{'component':44} {'online GB':>10} {'cached GB':>10}",
     ]
-    names = {"mmdit_weights": "MM-DiT weights and buffers (fp32)", "gradients": "gradients (fp32)",
-             "ddp_gradient_buckets": "DDP gradient buckets (fp32)", "adamw_moments": "AdamW moments (2 x fp32)",
+    names = {"mmdit_weights": "MM-DiT weights and buffers (fp32)",
+             "gradients": "gradients (fp32, in DDP's buckets)", "adamw_moments": "AdamW moments (2 x fp32)",
              "ema_copy": "EMA copy (fp32)",
              "frozen_encoders": "frozen encoders (" + ("bf16" if result["precision"].startswith("bf16") else "fp32")
              + ")"}

@@ -245,8 +245,9 @@ class EMAConfig:
     decay: float = 0.9999
     start_step: int = 0
     # Update the average every k optimizer steps with decay^k: the same horizon for a k-th of the
-    # memory traffic (the EMA reads and writes every weight).
-    every_n_steps: int = 1
+    # memory traffic (the EMA reads and writes every weight). 10: at depth 4 on the CPU an update
+    # cost 5.0 ms, 3% of a 155 ms step; every 10 steps it is 0.3% (README, Performance).
+    every_n_steps: int = 10
 
 
 @dataclass

@@ -12,10 +12,10 @@ from torch import nn
 class EMAModel(nn.Module):
     """`shadow` tracks `decay`-weighted averages of the source model's parameters.
 
-    The effective decay warms up as min(decay, (1 + n) / (10 + n)) over the first n updates, so a
-    short run's average is not dominated by the random initialisation. Updated every
+    The effective decay per step warms up as min(decay, (1 + n) / (10 + n)) over the first n steps
+    averaged, so a short run's average is not dominated by the random initialisation. Updated every
     `every_n_steps` optimizer steps with that decay to the power `every_n_steps` (the same horizon
-    in steps, a k-th of the memory traffic). The decay is computed on the device from the update
+    in steps, warm-up included, for a k-th of the memory traffic). The decay is computed on the device from the update
     count and a skipped step (`applied` False) changes nothing, so an update never reads a value
     back to the host.
     """
@@ -39,7 +39,7 @@ class EMAModel(nn.Module):
 
     def current_decay(self) -> torch.Tensor:
         """The decay of the next update (a float64 tensor on the buffer's device)."""
-        n = self.num_updates.double()
+        n = self.num_updates.double() * self.every_n_steps  # steps averaged so far
         warm = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
         return warm**self.every_n_steps
 

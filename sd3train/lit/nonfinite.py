@@ -34,13 +34,18 @@ class NonFiniteError(RuntimeError):
 class SkippableAdamW(torch.optim.AdamW):
     """torch's fused AdamW (one kernel for every parameter; on CPU too, about 4x faster there than
     foreach) whose update is skipped when `found_inf` (a device tensor) is nonzero, read by the
-    kernel itself, or when `skip_update` (a host bool: DeepSpeed's ZeRO decides on the host) is set."""
+    kernel itself, or when `skip_update` (a host bool: DeepSpeed's ZeRO decides on the host) is set.
+    `grad_scale` (a device tensor, or None) divides every gradient inside the same kernel: gradient
+    clipping without a pass of its own (the mechanism is AMP's grad scaler's, as for `found_inf`)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("fused", True)
         super().__init__(*args, **kwargs)
+        if not self.defaults.get("fused"):
+            raise ValueError("SkippableAdamW needs fused=True: found_inf and grad_scale are read by the fused kernel")
         self.skip_update = False
         self.found_inf: Optional[torch.Tensor] = None
+        self.grad_scale: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -50,7 +55,7 @@ class SkippableAdamW(torch.optim.AdamW):
                 loss = closure()
         if self.skip_update:
             return loss
-        super().step()  # reads self.found_inf (torch's fused AdamW does)
+        super().step()  # reads self.found_inf and self.grad_scale (torch's fused AdamW does)
         return loss
 
 

@@ -127,5 +127,7 @@ def build_strategy(cfg: TrainConfig):
         raise ValueError(f"strategy.name: {strategy.name!r} is not ddp or deepspeed")
     if trainer.devices * trainer.num_nodes == 1:
         return "auto"
-    # Backend None: Lightning picks by device type (gloo on CPU, nccl on CUDA).
-    return DDPStrategy(process_group_backend=strategy.process_group_backend, find_unused_parameters=False)
+    # Backend None: Lightning picks by device type (gloo on CPU, nccl on CUDA). The gradients are
+    # views into DDP's all-reduce buckets instead of a second fp32 copy (8 GB at SD3-Medium size).
+    return DDPStrategy(process_group_backend=strategy.process_group_backend, find_unused_parameters=False,
+                       gradient_as_bucket_view=True)

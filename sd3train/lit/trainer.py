@@ -5,7 +5,7 @@
     stop.stopped_at          # the step checkpointed for a preemption stop, else None
 
 Callbacks run in this order: step throughput (MFU), data metrics, the preemption stop, previews
-and evaluation, the progress bar, the dotted paths of `trainer.callbacks`, `extra_callbacks` (what
+and evaluation, subnormals flushed while a CPU run fits, the progress bar, the dotted paths of `trainer.callbacks`, `extra_callbacks` (what
 an in-process caller such as a test adds), and last the atomic checkpoint (Lightning runs every
 `Checkpoint` after the other callbacks, so their state in it is that of the step).
 """
@@ -22,6 +22,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from sd3train.config.schema import TrainConfig
 from sd3train.lit.callbacks import DataMetrics, PreviewAndEvaluate, StepProgressBar
 from sd3train.lit.checkpointing import AtomicCheckpoint
+from sd3train.lit.denormals import FlushDenormals
 from sd3train.lit.loggers import build_loggers
 from sd3train.lit.preemption import StopOnPreemption
 from sd3train.lit.strategy import build_strategy
@@ -70,6 +71,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.C
             run_dir, cfg.eval.prompts, cfg.eval.seed, cfg.eval.sample_every_n_steps, cfg.eval.num_colour_prompts
         ),
     ]
+    callbacks.append(FlushDenormals())
     if trainer_cfg.progress_bar:
         # Refreshed at logging steps only: reading the loss for it waits for the device.
         callbacks.append(StepProgressBar(refresh_rate=max(1, trainer_cfg.log_every_n_steps)))

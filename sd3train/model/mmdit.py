@@ -17,9 +17,11 @@ Tests: `python -m pytest tests/unit/model -q -k "mmdit or compile or checkpointi
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -48,15 +50,31 @@ def layer_norm(hidden_size: int) -> nn.LayerNorm:
     return nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
 
 
+_GELU_TANH_2C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (SD3's MLP activation).
+
+    Compiled, it is written as x * sigmoid(2z), which equals 0.5 x (1 + tanh(z)) since
+    tanh(z) = 2 sigmoid(2z) - 1: inductor vectorises sigmoid on the CPU but not this tanh (forward and
+    backward of a 820 x 1024 bf16 tensor: 2.1 ms against 4.5 ms on one core). Eager, torch's own
+    kernel is one pass where the rewritten form would be five.
+    """
+    if torch.compiler.is_compiling():
+        inner = _GELU_TANH_2C * (x + 0.044715 * x * x * x)  # 2 sqrt(2 / pi) (x + 0.044715 x^3)
+        return x * torch.sigmoid(inner)
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, mlp_hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, mlp_hidden)
-        self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class StreamBlock(nn.Module):

@@ -22,7 +22,8 @@ STEPS, KILL_AFTER = 6, 4
 FAST = ["experiment=tiny_cpu", "trainer.devices=2", "model.depth=1", "data.batch_size=4", f"trainer.max_steps={STEPS}",
         "data.num_workers=2", "data.cache_latents=false", "eval.prompts=[]", "eval.num_colour_prompts=0",
         "logger.wandb=false", "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "data.val_shards=null",
-        "trainer.checkpoint_every_n_steps=2", "optim.lr=5e-3"]
+        "trainer.checkpoint_every_n_steps=2", "optim.lr=5e-3",
+        "ema.every_n_steps=2"]  # EMA updates at steps 2, 4 and 6: before and after the resume at 4
 
 
 def start(shapes: Path, cwd: Path, strategy: str, *extra: str) -> subprocess.Popen:

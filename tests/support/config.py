@@ -21,9 +21,11 @@ def compose_config(*overrides: str) -> TrainConfig:
 
 def tiny_config(shapes: Path, runs_dir: Path, *overrides: str) -> TrainConfig:
     """The tiny_cpu experiment on the shards `build_shapes` wrote to `shapes`, running in `runs_dir`,
-    without DataLoader workers. A shard override replaces the default one: sd3train-train joins
-    repeated shard overrides into one list (what a shell's brace expansion gives)."""
-    shards = {"data.shards": f"'{shapes}/train-{{000000..000003}}.tar'", "data.val_shards": f"'{shapes}/val-000000.tar'"}
+    without DataLoader workers, and with the EMA updated every step (so a run of a few steps moves
+    it). A shard override replaces the default one: sd3train-train joins repeated shard overrides
+    into one list (what a shell's brace expansion gives)."""
+    shards = {"data.shards": f"'{shapes}/train-{{000000..000003}}.tar'", "data.val_shards": f"'{shapes}/val-000000.tar'",
+              "ema.every_n_steps": "1"}
     given = {override.split("=", 1)[0].lstrip("+") for override in overrides}
     defaults = [f"{key}={value}" for key, value in shards.items() if key not in given]
     return compose_config("experiment=tiny_cpu", *defaults, f"paths.runs_dir={runs_dir}", "data.num_workers=0",

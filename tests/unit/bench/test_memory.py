@@ -106,8 +106,7 @@ def test_modes_order_and_every_k_checkpoints_one_block_in_k():
 def test_resident_components_per_parameter():
     encoders = {"t5": 10, "vae_decoder": 3}
     online = memory.resident_components(100, 7, encoders, "bf16-mixed", cached=False)
-    assert online == {"mmdit_weights": 428, "gradients": 400, "ddp_gradient_buckets": 400, "adamw_moments": 800,
-                      "ema_copy": 428, "frozen_encoders": 26}
+    assert online == {"mmdit_weights": 428, "gradients": 400, "adamw_moments": 800, "ema_copy": 428, "frozen_encoders": 26}
     assert memory.resident_components(100, 7, encoders, "bf16-mixed", cached=True)["frozen_encoders"] == 6
     assert memory.resident_components(100, 7, encoders, "32-true", cached=False)["frozen_encoders"] == 52
 
@@ -125,8 +124,9 @@ def test_sd3_medium_at_512_fits_a_batch_of_16_with_selective_checkpointing_on_80
     assert config.depth == 24
     result = memory.account("sd3_medium", (512, 512), "bf16-mixed", 80.0, 4.0, encoders=memory.encoder_parameters(),
                             config=config, modes=("selective",))
-    assert result["activations"]["selective"]["largest_batch_cached"] >= 16
-    assert result["activations"]["none"]["largest_batch_cached"] < 16
+    selective, none = result["activations"]["selective"], result["activations"]["none"]
+    assert selective["largest_batch_cached"] >= selective["largest_batch_online"] >= 16
+    assert none["largest_batch_online"] < 16  # the control: without checkpointing it does not fit
 
 
 def test_cli_prints_json_and_the_largest_batch_is_the_last_that_fits(capsys, monkeypatch):

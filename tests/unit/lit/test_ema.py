@@ -66,3 +66,19 @@ def test_every_k_steps_the_average_takes_decay_to_the_k_and_a_skipped_step_chang
     for shadow, old, new in zip(ema.shadow.parameters(), before, model.parameters()):
         torch.testing.assert_close(shadow, 0.9**4 * old + (1 - 0.9**4) * new, rtol=2.4e-7, atol=1e-7)
     assert int(ema.num_updates) == 1001
+
+
+def test_the_warm_up_counts_steps_so_every_k_keeps_the_horizon_of_every_step():
+    every_step = EMAModel(nn.Linear(1, 1), decay=0.9999)
+    every_ten = EMAModel(nn.Linear(1, 1), decay=0.9999, every_n_steps=10)
+    # After 300 steps: 300 updates of one, 30 updates of the other.
+    every_step.num_updates.fill_(300)
+    every_ten.num_updates.fill_(30)
+    assert every_ten.current_decay() == (301 / 310) ** 10
+    # Ten single-step updates from there multiply to nearly the same decay (0.7480 against 0.7448;
+    # counting updates instead of steps would give (31 / 40) ** 10 = 0.078).
+    product = 1.0
+    for n in range(300, 310):
+        product *= (1 + n) / (10 + n)
+    assert abs(float(every_ten.current_decay()) - product) < 5e-3
+    assert every_step.current_decay() == 301 / 310

@@ -41,7 +41,8 @@ def test_ddp_on_two_devices_is_ddp_with_the_backend_left_to_lightning(config):
     strategy = build_strategy(config("strategy=ddp", "trainer.devices=2"))
     assert type(strategy) is DDPStrategy
     assert strategy._process_group_backend is None  # Lightning: gloo for CPU devices, nccl for CUDA
-    assert strategy._ddp_kwargs == {"find_unused_parameters": False}
+    # Gradients live in the all-reduce buckets: no second fp32 copy (sd3train/bench/memory.py counts one).
+    assert strategy._ddp_kwargs == {"find_unused_parameters": False, "gradient_as_bucket_view": True}
     named = build_strategy(config("strategy=ddp", "trainer.num_nodes=2", "strategy.process_group_backend=gloo"))
     assert named._process_group_backend == "gloo"
 

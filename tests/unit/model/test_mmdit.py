@@ -187,3 +187,16 @@ def test_bf16_forward_is_close_to_fp32_on_the_same_rounded_weights_and_inputs():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     relative = (out.float() - reference).norm() / reference.norm()
     assert relative < 2e-2  # measured 0.7%
+
+
+def test_the_compiled_gelu_form_equals_torchs_tanh_gelu():
+    from sd3train.model.mmdit import gelu_tanh
+
+    x = torch.linspace(-8, 8, 4001, requires_grad=True)
+    traced = torch.compile(gelu_tanh, backend="aot_eager", fullgraph=True)  # traces the sigmoid form
+    ours, theirs = traced(x), torch.nn.functional.gelu(x, approximate="tanh")
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), x)
+    (grad_theirs,) = torch.autograd.grad(theirs.sum(), x)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=2e-6)  # far left tail: 1e-6 against 0
+    assert torch.equal(gelu_tanh(x), theirs)  # eager: torch's own kernel
