@@ -21,9 +21,9 @@ and its ratio to the diffusers variant (diffusers ms / its ms: above 1 it is fas
     # batch 32, 16 CLIP + 16 T5 tokens, fp32)
     python -m sd3train.bench.train_step --model tiny --resolution 64 --batch 32 --text-tokens 32 \\
         --device cpu --dtype fp32 --threads 1 --warmup 10 --steps 100
-    # the README's CPU command: depth 4 (SD3 text widths, rms qk norm), 256^2, every variant
-    python -m sd3train.bench.train_step --model mmdit --depth 4 --resolution 256 --batch 2 \\
-        --device cpu --dtype fp32 --threads 1 --warmup 5 --steps 40 --compile \\
+    # the README's CPU command: depth 4 (SD3 text widths, rms qk norm), 256^2, batch 8, every variant
+    python -m sd3train.bench.train_step --model mmdit --depth 4 --resolution 256 --batch 8 \\
+        --device cpu --dtype bf16 --threads 1 --warmup 3 --steps 20 --compile \\
         --variants interleaved diffusers bare step --json /tmp/cpu.json
     # SD3-Medium size (depth 24, no qk norm) at 512^2 in bf16 on a GPU, with MFU
     python -m sd3train.bench.train_step --model sd3_medium --resolution 512 --batch 8 \\

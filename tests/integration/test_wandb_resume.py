@@ -1,18 +1,18 @@
 """A resumed run (a new process, as after a requeue) logs to the same W&B run in offline mode, and its
-steps carry on from the checkpoint instead of starting again at 0."""
+steps carry on from the checkpoint instead of starting again at 0; the throughput metrics (step time,
+TFLOP/s, MFU) are in its history beside the loss."""
 
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-from wandb.proto import wandb_internal_pb2
+import pytest
 
 from sd3train.lit.loggers import wandb_run_id
+from tests.support.wandb_files import history_rows
 
 BIN = Path(sys.executable).parent
 
@@ -24,42 +24,15 @@ def _train(small_shapes: Path, runs_dir: Path, max_steps: int) -> None:
         f"trainer.max_steps={max_steps}", "trainer.checkpoint_every_n_steps=3", "trainer.log_every_n_steps=1",
         "trainer.progress_bar=false", "eval.prompts=[]", "eval.num_colour_prompts=0",
         "logger.wandb=true", "logger.wandb_mode=offline", f"paths.runs_dir={runs_dir}",
+        "trainer.peak_tflops=0.01",  # a peak for train/mfu on the CPU
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def wandb_records(path: Path) -> Iterator[bytes]:
-    """The records of an offline `.wandb` file: a ":W&B" header, then LevelDB-style log blocks."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", path
-    position, block, pending = 7, 32768, b""
-    while position + 7 <= len(data):
-        if block - position % block < 7:  # a block's tail too short for a header is padding
-            position += block - position % block
-            continue
-        _checksum, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        chunk = data[position + 7:position + 7 + length]
-        position += 7 + length
-        if kind == 1:  # a whole record
-            yield chunk
-        elif kind == 2:  # first, middle and last pieces of a long one
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            yield pending + chunk
-
-
 def history_steps(path: Path) -> list[int]:
-    steps = []
-    for raw in wandb_records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.HasField("history"):
-            steps.append(record.history.step.num)
-    return steps
+    return [step for step, _ in history_rows(path)]
 
 
 def test_resumed_run_has_the_same_wandb_id_and_continues_its_steps(small_shapes, tmp_path):
@@ -74,3 +47,8 @@ def test_resumed_run_has_the_same_wandb_id_and_continues_its_steps(small_shapes,
     # W&B's step is the trainer's: the second process carries on after the first (0-based
     # optimizer steps 0..2, then 3..5) instead of starting again at 0.
     assert steps == [[0, 1, 2], [3, 4, 5]]
+    # The throughput metrics reach W&B beside the loss at every logging step.
+    for run in runs:
+        for _, row in history_rows(run / f"run-{run_id}.wandb"):
+            assert {"train/loss", "train/step_time_ms", "train/tflops_per_sec", "train/mfu"} <= set(row), sorted(row)
+            assert float(row["train/mfu"]) == pytest.approx(float(row["train/tflops_per_sec"]) / 0.01, rel=1e-6)
