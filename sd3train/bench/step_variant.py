@@ -76,7 +76,7 @@ def step_config(model: ModelConfig, args: argparse.Namespace, runs_dir: Path) ->
         "trainer.precision=" + ("bf16-mixed" if args.dtype == "bf16" else "32-true"),
         f"trainer.max_steps={args.warmup + args.steps}", "trainer.progress_bar=false",
         f"trainer.checkpoint_every_n_steps={args.warmup + args.steps + 1}", f"trainer.seed={SEED}",
-        "logger.wandb=false", "eval.prompts=[]", "eval.num_colour_prompts=0",
+        "logger.wandb=false", "eval.prompts=[]", "eval.samples_per_caption=0",
         f"paths.runs_dir={runs_dir}", "experiment_name=bench", "run_name=step",
     ]
     if args.peak_tflops is not None:

@@ -49,7 +49,8 @@ class TrainingCheckpoint:
 
 # Settings older sd3train versions stored in checkpoints and that no longer exist; read, then dropped.
 RETIRED_KEYS = {"trainer": ("debug_nan_loss_steps", "debug_checkpoint_delay_s", "debug_reseed_on_resume",
-                            "debug_step_delay_s")}
+                            "debug_step_delay_s"),
+                "eval": ("num_colour_prompts",)}  # now eval.samples_per_caption
 
 
 def read_training_checkpoint(path: Path) -> TrainingCheckpoint:

@@ -255,7 +255,9 @@ class EvalConfig:
     """End-of-run evaluation and periodic sample grids."""
 
     prompts: list[str] = field(default_factory=list)
-    num_colour_prompts: int = 0  # >0: measure eval/colour_adherence on this many grammar prompts
+    # >0: at the end, sample every caption of the shapes grammar this many times and log
+    # eval/colour_adherence and eval/shape_adherence (seeds from seed + 100000: not the previews').
+    samples_per_caption: int = 0
     seed: int = 1_000_000  # seeds from here on are never used by training
     sample_every_n_steps: int = 0  # 0: only at the end
     num_sample_prompts: int = 8

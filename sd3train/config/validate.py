@@ -223,8 +223,8 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"logger.wandb_mode: {cfg.logger.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}")
     problems.extend(missing_weight_paths(cfg))
     problems.extend(training_cache_problems(cfg))
-    if cfg.eval.num_colour_prompts < 0:
-        problems.append(f"eval.num_colour_prompts: must be >= 0, got {cfg.eval.num_colour_prompts}")
+    if cfg.eval.samples_per_caption < 0:
+        problems.append(f"eval.samples_per_caption: must be >= 0, got {cfg.eval.samples_per_caption}")
     return problems
 
 

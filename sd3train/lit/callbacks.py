@@ -1,4 +1,4 @@
-"""Callbacks: throughput and data metrics, a step-based progress bar, preview samples and the colour evaluation."""
+"""Callbacks: throughput and data metrics, a step-based progress bar, previews, colour and shape evaluation."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from sd3train.data.shapes import all_specs
 from sd3train.eval.colour import colour_adherence
+from sd3train.eval.shape import shape_adherence
 from sd3train.inference import decode_to_uint8, generate_latents, write_samples
 
 
@@ -98,32 +99,37 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
 
-def colour_prompts(count: int) -> list[str]:
-    """`count` captions from the shapes grammar, cycling its fixed order."""
-    specs = all_specs()
-    return [specs[(7 * i) % len(specs)].caption for i in range(count)]
+# The adherence evaluation's seeds start this far after the previews' (which start at eval.seed).
+EVAL_SEED_OFFSET = 100_000
+
+
+def evaluation_prompts(samples_per_caption: int) -> list[str]:
+    """Every caption of the shapes grammar, `samples_per_caption` times each."""
+    return [spec.caption for spec in all_specs() for _ in range(samples_per_caption)]
 
 
 class PreviewAndEvaluate(L.Callback):
-    """Writes sample grids to run_dir/samples/step-N/ (and W&B) and measures colour adherence.
+    """Writes sample grids to run_dir/samples/step-N/ (and W&B) and, at the end, measures colour and
+    shape adherence over every caption of the shapes grammar.
 
     Samples come from the EMA weights when EMA is on. Seeds start at `seed`, far from anything the
-    training streams use, so the evaluation never sees training noise.
+    training streams use, so the evaluation never sees training noise; the evaluation's start at
+    `seed + EVAL_SEED_OFFSET`, so they are not the preview grid's either.
     """
 
-    def __init__(self, run_dir: Path, prompts: list[str], seed: int, every_n_steps: int, num_colour_prompts: int):
+    def __init__(self, run_dir: Path, prompts: list[str], seed: int, every_n_steps: int, samples_per_caption: int):
         self.run_dir = run_dir
         self.prompts = prompts
         self.seed = seed
         self.every_n_steps = every_n_steps
-        self.num_colour_prompts = num_colour_prompts
+        self.samples_per_caption = samples_per_caption
 
     def _latent_shape(self, pl_module) -> tuple[int, int, int]:
         side = pl_module.cfg.data.resolution // pl_module.vae.downsample_factor
         return (pl_module.cfg.vae.latent_channels, side, side)
 
-    def _generate(self, pl_module, prompts: list[str]):
-        seeds = [self.seed + index for index in range(len(prompts))]
+    def _generate(self, pl_module, prompts: list[str], first_seed: int):
+        seeds = [first_seed + index for index in range(len(prompts))]
         latents = generate_latents(
             pl_module.sampling_model, pl_module.text, prompts, seeds, self._latent_shape(pl_module),
             pl_module.cfg.diffusion.sampler,
@@ -140,7 +146,7 @@ class PreviewAndEvaluate(L.Callback):
         if not self.prompts or not self._generates(trainer):
             return
         step = trainer.global_step
-        images, seeds = self._generate(pl_module, self.prompts)
+        images, seeds = self._generate(pl_module, self.prompts, self.seed)
         if not trainer.is_global_zero:
             return
         write_samples(self.run_dir / "samples" / f"step-{step}", images, self.prompts, seeds)
@@ -157,15 +163,17 @@ class PreviewAndEvaluate(L.Callback):
         if trainer.global_step < trainer.max_steps:  # stopped early (preemption): not the end yet
             return
         self._preview(trainer, pl_module)
-        if not self.num_colour_prompts or not self._generates(trainer):
+        if not self.samples_per_caption or not self._generates(trainer):
             return
-        prompts = colour_prompts(self.num_colour_prompts)
-        images, _ = self._generate(pl_module, prompts)
+        prompts = evaluation_prompts(self.samples_per_caption)
+        first_seed = self.seed + EVAL_SEED_OFFSET
+        images, _ = self._generate(pl_module, prompts, first_seed)
         if not trainer.is_global_zero:
             return
-        score = colour_adherence(images, prompts)
-        metrics = {"eval/colour_adherence": score}
+        metrics = {"eval/colour_adherence": colour_adherence(images, prompts),
+                   "eval/shape_adherence": shape_adherence(images, prompts)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
-        print(f"eval/colour_adherence = {score:.3f} over {len(prompts)} prompts (seeds from {self.seed})")
+        for name, score in metrics.items():
+            print(f"{name} = {score:.3f} over {len(prompts)} samples (seeds from {first_seed})")

@@ -68,7 +68,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.C
         checkpointer,
         stop_on_preemption,
         PreviewAndEvaluate(
-            run_dir, cfg.eval.prompts, cfg.eval.seed, cfg.eval.sample_every_n_steps, cfg.eval.num_colour_prompts
+            run_dir, cfg.eval.prompts, cfg.eval.seed, cfg.eval.sample_every_n_steps, cfg.eval.samples_per_caption
         ),
     ]
     callbacks.append(FlushDenormals())

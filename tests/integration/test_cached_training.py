@@ -120,7 +120,7 @@ def test_fit_trains_on_the_cache(data):
     from sd3train.train import fit, run_dir_of
 
     cfg = _config(data, "cache-bf16", f"trainer.max_steps={STEPS}", "trainer.val_every_n_steps=3", "trainer.log_every_n_steps=1",
-                  "eval.prompts=[]", "eval.num_colour_prompts=0", "logger.wandb=false", "trainer.progress_bar=false",
+                  "eval.prompts=[]", "eval.samples_per_caption=0", "logger.wandb=false", "trainer.progress_bar=false",
                   "run_name=cached")
     assert cfg.data.cached
     fit(cfg)

@@ -18,7 +18,7 @@ from sd3train.checkpoint.step_dirs import complete_checkpoints, latest_complete_
 BIN = Path(sys.executable).parent
 # The tiny model on the repo's shapes, no latent cache or validation: a few seconds per process.
 FAST = ["experiment=tiny_cpu", "model.depth=1", "data.batch_size=4", "data.num_workers=0", "data.cache_latents=false",
-        "data.val_shards=null", "eval.prompts=[]", "eval.num_colour_prompts=0", "logger.wandb=false",
+        "data.val_shards=null", "eval.prompts=[]", "eval.samples_per_caption=0", "logger.wandb=false",
         "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=2",
         "trainer.max_steps=6"]
 ENV = {**os.environ, "WANDB_MODE": "offline"}

@@ -51,7 +51,7 @@ def test_dedup_caption_precompute_then_train_on_the_cache_without_the_duplicates
         f"data.blocklist={tmp_path / 'dedup' / 'blocklist.txt'}", f"data.synthetic_captions={tmp_path / 'captions'}",
         "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=10", "trainer.max_steps=12",
         "trainer.log_every_n_steps=1", "trainer.accelerator=cpu", "model.depth=1", "eval.prompts=[]",
-        "eval.num_colour_prompts=0", "logger.wandb=false", "trainer.progress_bar=false",
+        "eval.samples_per_caption=0", "logger.wandb=false", "trainer.progress_bar=false",
         f"paths.runs_dir={tmp_path / 'runs'}", cwd=tmp_path)
     with (tmp_path / "runs" / "tiny_cpu" / "main" / "metrics.csv").open(newline="") as file:
         rows = [row for row in csv.DictReader(file) if row.get("data/samples_read")]

@@ -29,7 +29,7 @@ def _run(photos: str, runs_dir, max_steps: int, *overrides: str) -> dict[int, li
         runs_dir, runs_dir, f"data.shards='{photos}'", "data.val_shards=null", "data.aspect_buckets=true",
         "data.num_workers=2", "data.batch_size=4", "data.shuffle_buffer=20", "data.synthetic_caption_key=syn.txt",
         "data.cache_latents=false", "model.depth=1", f"trainer.max_steps={max_steps}", "trainer.checkpoint_every_n_steps=5",
-        "trainer.progress_bar=false", "eval.prompts=[]", "eval.num_colour_prompts=0", "logger.wandb=false",
+        "trainer.progress_bar=false", "eval.prompts=[]", "eval.samples_per_caption=0", "logger.wandb=false",
         "trainer.log_every_n_steps=1", *overrides,
     )
     recorder = RecordKeys()

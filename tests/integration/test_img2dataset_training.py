@@ -37,7 +37,7 @@ SIZES = ((64, 64), (96, 64), (64, 96), (128, 64), (80, 72))
 FAST = [
     "experiment=tiny_cpu", "data.val_shards=null", "data.aspect_buckets=true", "data.resolution=64",
     "trainer.max_steps=3", "model.depth=1", "data.batch_size=4", "data.num_workers=0",
-    "eval.num_colour_prompts=0", "eval.prompts=[]", "eval.sample_every_n_steps=0", "logger.wandb=false",
+    "eval.samples_per_caption=0", "eval.prompts=[]", "eval.sample_every_n_steps=0", "logger.wandb=false",
     "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=3", "trainer.progress_bar=false",
 ]
 
@@ -190,7 +190,7 @@ def test_in_process_fit_on_bad_samples_trains_to_completion_and_logs_per_reason_
         f"data.shards='{spec}'", "data.val_shards=null", "data.batch_size=4", "data.shuffle_buffer=8",
         "data.skip_budget=0.25", "data.skip_budget_min_samples=16",
         "trainer.max_steps=6", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=6",
-        "trainer.progress_bar=false", "model.depth=1", "eval.num_colour_prompts=0", "eval.prompts=[]",
+        "trainer.progress_bar=false", "model.depth=1", "eval.samples_per_caption=0", "eval.prompts=[]",
         "eval.sample_every_n_steps=0", "logger.wandb=false",
     )
     assert cfg.data.shards == spec

@@ -32,7 +32,7 @@ def _config(small_shapes, runs_dir, *overrides):
     return tiny_config(
         small_shapes, runs_dir, "model.depth=1", "data.batch_size=4", "data.cache_latents=false",
         "trainer.checkpoint_every_n_steps=1", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
-        "eval.prompts=[]", "eval.num_colour_prompts=0", "logger.wandb=false", "data.val_shards=null", *overrides,
+        "eval.prompts=[]", "eval.samples_per_caption=0", "logger.wandb=false", "data.val_shards=null", *overrides,
     )
 
 

@@ -29,7 +29,7 @@ def test_usr1_to_rank_zero_stops_both_ranks_at_one_checkpoint_and_the_rerun_fini
         str(BIN / "sd3train-train"), "experiment=tiny_cpu", "trainer.accelerator=cpu", "trainer.devices=2",
         "strategy=ddp", f"trainer.max_steps={MAX_STEPS}", "model.depth=1", "data.batch_size=4",
         "data.num_workers=0", f"data.shards={small_shapes}/train-{{000000..000003}}.tar", "data.val_shards=null",
-        "eval.prompts=[a red circle]", "eval.num_colour_prompts=0", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
+        "eval.prompts=[a red circle]", "eval.samples_per_caption=0", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
         "trainer.checkpoint_every_n_steps=1000", "logger.wandb=true", f"paths.runs_dir={tmp_path / 'runs'}",
     ]
     first = launch([*command, "trainer.callbacks=[tests.support.faults.slow_steps_400ms]"], cwd=tmp_path)

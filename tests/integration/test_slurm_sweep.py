@@ -18,7 +18,7 @@ def test_submitit_sweep_trains_one_job_per_value_in_its_own_run_directory(small_
         "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", "experiment=tiny_cpu",
         "trainer.accelerator=cpu", "trainer.max_steps=3", "model.depth=1", "data.batch_size=4", "data.num_workers=0",
         f"data.shards={small_shapes}/train-{{000000..000003}}.tar", "data.val_shards=null", "eval.prompts=[]",
-        "eval.num_colour_prompts=0", "logger.wandb=false", "trainer.progress_bar=false",
+        "eval.samples_per_caption=0", "logger.wandb=false", "trainer.progress_bar=false",
         f"paths.runs_dir={tmp_path / 'runs'}", "optim.lr=1e-4,2e-4",
     ], cwd=tmp_path, capture_output=True, text=True, env=SLURM_ENV, timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

@@ -25,7 +25,7 @@ def tiny_job(tmp_path: Path, *extra: str, shapes: Path, tasks: int = 2, nodes: i
         "--time", time_limit,
         "--job-name", "sd3-ci", "experiment=tiny_cpu", "trainer.accelerator=cpu", "model.depth=1",
         "data.batch_size=4", "data.num_workers=0", f"data.shards={shapes}/train-{{000000..000003}}.tar",
-        "data.val_shards=null", "eval.prompts=[]", "eval.num_colour_prompts=0", "trainer.progress_bar=false",
+        "data.val_shards=null", "eval.prompts=[]", "eval.samples_per_caption=0", "trainer.progress_bar=false",
         f"paths.runs_dir={tmp_path / 'runs'}", *extra,
     ]
 

@@ -51,7 +51,7 @@ class CaptureAtStart(L.Callback):
 def test_every_stateful_part_round_trips_through_a_checkpoint(small_shapes, tmp_path):
     overrides = ("model.depth=1", "data.batch_size=4", "data.num_workers=2", "data.val_shards=null",
                  "trainer.checkpoint_every_n_steps=4", "trainer.progress_bar=false", "eval.prompts=[]",
-                 "eval.num_colour_prompts=0", "logger.wandb=false",
+                 "eval.samples_per_caption=0", "logger.wandb=false",
                  "optim.schedule=cosine", "optim.warmup_steps=2")
     end = CaptureAtEnd()
     fit(tiny_config(small_shapes, tmp_path, "trainer.max_steps=4", *overrides), extra_callbacks=(NanLossAt({2}), end))

@@ -52,16 +52,17 @@ def test_metrics_csv_has_the_documented_metrics(trained_run):
         rows = list(csv.DictReader(handle))
     columns = set(rows[0])
     expected = {"train/loss", "train/grad_norm", "train/lr", "train/samples_per_sec", "val/loss",
-                "eval/colour_adherence", "data/wait_fraction", "data/samples_read", "data/skipped_fraction",
-                "data/skipped_decode_error"} | {f"train/loss_bin_{i}" for i in range(10)}
+                "eval/colour_adherence", "eval/shape_adherence", "data/wait_fraction", "data/samples_read",
+                "data/skipped_fraction", "data/skipped_decode_error"} | {f"train/loss_bin_{i}" for i in range(10)}
     assert expected <= columns, expected - columns
     waits = [float(row["data/wait_fraction"]) for row in rows if row["data/wait_fraction"]]
     assert waits and all(0.0 <= wait <= 1.0 for wait in waits)
     # 20 steps of batch 4 from clean shards: 80 samples trained, at least that many read, none skipped.
     read = [float(row["data/samples_read"]) for row in rows if row["data/samples_read"]]
     assert read[-1] >= 76 and all(float(row["data/skipped_fraction"]) == 0 for row in rows if row["data/skipped_fraction"])
-    adherence = [float(row["eval/colour_adherence"]) for row in rows if row["eval/colour_adherence"]]
-    assert len(adherence) == 1 and 0.0 <= adherence[0] <= 1.0
+    for name in ("eval/colour_adherence", "eval/shape_adherence"):
+        adherence = [float(row[name]) for row in rows if row[name]]
+        assert len(adherence) == 1 and 0.0 <= adherence[0] <= 1.0
 
 
 def test_wandb_offline_run_has_sample_images(trained_run):

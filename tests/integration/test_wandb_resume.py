@@ -22,7 +22,7 @@ def _train(small_shapes: Path, runs_dir: Path, max_steps: int) -> None:
         str(BIN / "sd3train-train"), "experiment=tiny_cpu", f"data.shards={small_shapes}/train-{{000000..000003}}.tar",
         "data.val_shards=null", "data.num_workers=0", "model.depth=1", "data.batch_size=4",
         f"trainer.max_steps={max_steps}", "trainer.checkpoint_every_n_steps=3", "trainer.log_every_n_steps=1",
-        "trainer.progress_bar=false", "eval.prompts=[]", "eval.num_colour_prompts=0",
+        "trainer.progress_bar=false", "eval.prompts=[]", "eval.samples_per_caption=0",
         "logger.wandb=true", "logger.wandb_mode=offline", f"paths.runs_dir={runs_dir}",
         "trainer.peak_tflops=0.01",  # a peak for train/mfu on the CPU
     ]

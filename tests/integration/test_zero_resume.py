@@ -20,7 +20,7 @@ from tests.support.processes import BIN, finish, launch
 
 STEPS, KILL_AFTER = 6, 4
 FAST = ["experiment=tiny_cpu", "trainer.devices=2", "model.depth=1", "data.batch_size=4", f"trainer.max_steps={STEPS}",
-        "data.num_workers=2", "data.cache_latents=false", "eval.prompts=[]", "eval.num_colour_prompts=0",
+        "data.num_workers=2", "data.cache_latents=false", "eval.prompts=[]", "eval.samples_per_caption=0",
         "logger.wandb=false", "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "data.val_shards=null",
         "trainer.checkpoint_every_n_steps=2", "optim.lr=5e-3",
         "ema.every_n_steps=2"]  # EMA updates at steps 2, 4 and 6: before and after the resume at 4

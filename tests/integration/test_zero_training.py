@@ -26,7 +26,7 @@ from tests.support.processes import BIN, finish, launch
 
 STEPS = 4
 FAST = ["experiment=tiny_cpu", "trainer.devices=2", "model.depth=1", "data.batch_size=4", f"trainer.max_steps={STEPS}",
-        "data.num_workers=0", "data.cache_latents=false", "eval.prompts=[]", "eval.num_colour_prompts=0",
+        "data.num_workers=0", "data.cache_latents=false", "eval.prompts=[]", "eval.samples_per_caption=0",
         "eval.sample_every_n_steps=0", "logger.wandb=false", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
         f"trainer.val_every_n_steps={STEPS}", "data.val_batches=1", f"trainer.checkpoint_every_n_steps={STEPS}",
         "ema.every_n_steps=1"]  # the EMA moves every step, so the ZeRO-3 and ZeRO-2 averages have something to match
@@ -52,7 +52,7 @@ def zero2_run(small_shapes, tmp_path_factory):
 def zero3_run(small_shapes, tmp_path_factory):
     # With a preview and the colour evaluation: under ZeRO-3 every rank must take part in sampling.
     return train(small_shapes, tmp_path_factory.mktemp("zero3"), "zero3", "eval.prompts=[a red circle on a white background]",
-                 "eval.num_colour_prompts=2", "diffusion.sampler.num_steps=2")
+                 "eval.samples_per_caption=1", "diffusion.sampler.num_steps=2")
 
 
 def train_losses(run_dir: Path) -> list[float]:

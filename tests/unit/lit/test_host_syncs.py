@@ -80,7 +80,7 @@ def test_ordinary_training_steps_read_nothing_back_from_the_device(small_shapes,
     cfg = tiny_config(small_shapes, tmp_path, "model.depth=1", "data.batch_size=4", "data.num_workers=1",
                       "trainer.max_steps=10", f"trainer.log_every_n_steps={LOG_EVERY}",
                       "trainer.checkpoint_every_n_steps=5", "data.val_shards=null", "eval.prompts=[]",
-                      "eval.num_colour_prompts=0", "logger.wandb=false", "trainer.progress_bar=true",
+                      "eval.samples_per_caption=0", "logger.wandb=false", "trainer.progress_bar=true",
                       "model.pos_embed_random_crop=true", "ema.every_n_steps=1", "optim.grad_clip=1.0")
     counter = CountHostTraffic()
     steps = CountOrdinarySteps(counter, cfg.trainer.checkpoint_every_n_steps)

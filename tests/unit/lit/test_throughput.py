@@ -156,7 +156,7 @@ def test_a_real_fit_writes_throughput_and_mfu_to_metrics_csv_at_logging_steps_on
     peak = 0.01  # TFLOP/s
     cfg = tiny_config(
         small_shapes, tmp_path, "model.depth=1", "data.resolution=32", "data.batch_size=2",
-        "data.cache_latents=false", "data.val_shards=null", "eval.prompts=[]", "eval.num_colour_prompts=0",
+        "data.cache_latents=false", "data.val_shards=null", "eval.prompts=[]", "eval.samples_per_caption=0",
         "logger.wandb=false", "trainer.progress_bar=false", "trainer.max_steps=4", "trainer.log_every_n_steps=2",
         f"trainer.peak_tflops={peak}",
     )
