@@ -142,7 +142,10 @@ class PreviewAndEvaluate(L.Callback):
         are gathered from all ranks as each layer runs (rank 0 alone would wait forever)."""
         return trainer.is_global_zero or bool(getattr(trainer.strategy, "zero_stage_3", False))
 
-    def _preview(self, trainer, pl_module) -> None:
+    def _preview(self, trainer, pl_module, logger_step: int) -> None:
+        """Sample the preview prompts into samples/step-N/ and to W&B at `logger_step` (the step
+        Lightning gives the loggers for what is logged now: W&B drops anything logged at an earlier
+        step than one it has seen)."""
         if not self.prompts or not self._generates(trainer):
             return
         step = trainer.global_step
@@ -152,17 +155,18 @@ class PreviewAndEvaluate(L.Callback):
         write_samples(self.run_dir / "samples" / f"step-{step}", images, self.prompts, seeds)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=list(images), caption=self.prompts, step=step)
+                logger.log_image(key="samples", images=list(images), caption=self.prompts, step=logger_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step < trainer.max_steps:
-            self._preview(trainer, pl_module)
+            # Lightning logs the k-th step's metrics, and a validation run after it, at step k - 1.
+            self._preview(trainer, pl_module, logger_step=step - 1)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step < trainer.max_steps:  # stopped early (preemption): not the end yet
             return
-        self._preview(trainer, pl_module)
+        self._preview(trainer, pl_module, logger_step=trainer.global_step)  # after the last step's metrics
         if not self.samples_per_caption or not self._generates(trainer):
             return
         prompts = evaluation_prompts(self.samples_per_caption)
