@@ -35,8 +35,9 @@ def dominant_shape(image: np.ndarray) -> str | None:
     colour = dominant_colour_index(labels)
     if colour is None:
         return None
-    regions, count = ndimage.label(labels == colour)
-    sizes = ndimage.sum(labels == colour, regions, range(1, count + 1))
+    pixels = labels == colour
+    regions, count = ndimage.label(pixels)
+    sizes = ndimage.sum(pixels, regions, range(1, count + 1))
     fill = fill_ratio(regions == 1 + int(np.argmax(sizes)))
     return "circle" if fill > CIRCLE_FILL else "square" if fill > SQUARE_FILL else "triangle"
 

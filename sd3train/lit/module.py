@@ -196,9 +196,9 @@ class SD3LitModule(L.LightningModule):
                 # sd3train/lit/trainer.py) and no extra pass over the gradients. The factor is
                 # torch.nn.utils.clip_grad_norm_'s; a skipped step's NaN factor is never applied.
                 clip_scale = torch.clamp((norm + 1e-6) / self.cfg.optim.grad_clip, min=1.0)
-        ok = self.guard.decide(self._agreed(self.guard.take_window() & finite), step=self.global_step + 1)
+        self.guard.decide(self._agreed(self.guard.take_window() & finite), step=self.global_step + 1)
         for inner in _inner_optimizers(optimizer):
-            inner.found_inf = (~ok).float()
+            inner.found_inf = self.guard.found_inf
             inner.grad_scale = clip_scale
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
