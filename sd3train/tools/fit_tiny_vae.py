@@ -1,6 +1,7 @@
 """Fit the tiny 16-channel VAE that the CPU smoke tests and the shapes experiments train on.
 
     python -m sd3train.tools.fit_tiny_vae --out data/vae_tiny --conf conf/vae/tiny.yaml
+    python -m sd3train.tools.fit_tiny_vae --out /tmp/vae4 --block-out-channels 16 32 64   # downsampling 4
 
 Single process, fixed seeds, two CPU threads: about 7 minutes on two idle cores (60% of the
 steps on 32x32 renders, the rest on 64x64; the same seeds give the same weights). It trains on
@@ -9,8 +10,8 @@ procedural shapes (`sd3train.data.shapes.make_sample`) with L1 + MSE + 1e-6 KL, 
      scale = 1 / their std (SD3's scalar shift/scale, measured for this VAE);
   2. writes `vae.safetensors`, `config.json` (VAEConfig fields) and `fit_report.json` to --out,
      and with --conf the Hydra group file;
-  3. reloads the written weights and checks that reconstructions keep the shape colour, since a
-     diffusion model trained on these latents is judged on the colours it generates.
+  3. reloads the written weights and checks that reconstructions keep the shape and its colour
+     (sd3train.eval), since a diffusion model trained on these latents is judged on both.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sd3train.checkpoint.components import vae_from_config
 from sd3train.config.schema import VAEConfig
 from sd3train.data.shapes import image_to_array, make_sample, parse_caption
 from sd3train.eval.colour import dominant_colour
+from sd3train.eval.shape import dominant_shape
 from sd3train.model.vae import VAE
 from sd3train.paths import REPO_ROOT
 
@@ -136,15 +138,17 @@ def latent_statistics(vae: VAE, num_images: int, batch_size: int = 64) -> tuple[
 
 @torch.no_grad()
 def evaluate(vae: VAE, num_images: int, sample: bool = False) -> dict[str, float]:
-    """Colour kept and PSNR of decode(encode(x, sample)) on fresh images."""
+    """Colour and shape kept (sd3train.eval) and PSNR of decode(encode(x, sample)) on fresh images."""
     images, captions = shape_images(EVAL_SEED, 0, num_images)
     reconstructions = vae.decode(vae.encode(images, sample=sample, generator=torch.Generator().manual_seed(0)))
     originals, decoded = to_uint8(images), to_uint8(reconstructions)
     hits = sum(dominant_colour(image) == parse_caption(caption).colour for image, caption in zip(decoded, captions))
+    shape_hits = sum(dominant_shape(image) == parse_caption(caption).shape for image, caption in zip(decoded, captions))
     squared_error = ((originals.astype(np.float64) - decoded.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
     psnr = 10.0 * np.log10(255.0**2 / np.maximum(squared_error, 1e-10))
     return {
         "colour_hits": int(hits),
+        "shape_hits": int(shape_hits),
         "num_images": num_images,
         "psnr_mean_db": float(psnr.mean()),
         "psnr_min_db": float(psnr.min()),
@@ -164,7 +168,8 @@ def write_conf_yaml(path: Path, cfg: VAEConfig, report: dict) -> None:
     lines = [
         "# Tiny 16-channel VAE fitted on 64x64 shapes by `python -m sd3train.tools.fit_tiny_vae`.",
         f"# shift/scale measured on {report['stats_images']} images; reconstructions keep the shape colour "
-        f"{report['eval']['colour_hits']}/{report['eval']['num_images']}, "
+        f"{report['eval']['colour_hits']}/{report['eval']['num_images']} and the shape "
+        f"{report['eval']['shape_hits']}/{report['eval']['num_images']}, "
         f"PSNR {report['eval']['psnr_mean_db']:.1f} dB.",
         f"latent_channels: {cfg.latent_channels}",
         f"in_channels: {cfg.in_channels}",
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--block-out-channels", type=int, nargs="+", default=TINY["block_out_channels"],
+                        help="encoder widths, one per level: n levels downsample by 2^(n-1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stats-images", type=int, default=1024)
@@ -200,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     start, start_cpu = time.perf_counter(), time.process_time()
 
-    vae = VAE(**TINY, shift_factor=0.0, scaling_factor=1.0)
+    layout = {**TINY, "block_out_channels": list(args.block_out_channels)}
+    vae = VAE(**layout, shift_factor=0.0, scaling_factor=1.0)
     low_res_steps = int(round(args.low_res_fraction * args.steps))
     history = fit(vae, args.steps, low_res_steps, args.batch_size, args.lr, args.kl_weight, args.seed)
     fit_seconds, fit_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     shift, std = latent_statistics(vae, args.stats_images)
     args.out.mkdir(parents=True, exist_ok=True)
     weights_file = args.out / "vae.safetensors"
-    cfg = VAEConfig(**TINY, shift_factor=round(shift, 6), scaling_factor=round(1.0 / std, 6),
+    cfg = VAEConfig(**layout, shift_factor=round(shift, 6), scaling_factor=round(1.0 / std, 6),
                     weights=config_weights_path(weights_file))
     state = {key: tensor.detach().contiguous() for key, tensor in vae.state_dict().items()}
     save_file(state, str(weights_file), metadata={"format": "pt", "config": json.dumps(asdict(cfg))})
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.conf is not None:
         write_conf_yaml(args.conf, cfg, report)
     print(f"fit {fit_seconds:.0f}s, total {total_seconds:.0f}s; shift {cfg.shift_factor} scale {cfg.scaling_factor}; "
-          f"colour {quality['colour_hits']}/{quality['num_images']}, PSNR {quality['psnr_mean_db']:.2f} dB; "
+          f"colour {quality['colour_hits']}/{quality['num_images']}, shape {quality['shape_hits']}/{quality['num_images']}, PSNR {quality['psnr_mean_db']:.2f} dB; "
           f"{report['weights_bytes'] / 1e6:.2f} MB")
     return report
 
