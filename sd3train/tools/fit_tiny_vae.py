@@ -142,8 +142,9 @@ def evaluate(vae: VAE, num_images: int, sample: bool = False) -> dict[str, float
     images, captions = shape_images(EVAL_SEED, 0, num_images)
     reconstructions = vae.decode(vae.encode(images, sample=sample, generator=torch.Generator().manual_seed(0)))
     originals, decoded = to_uint8(images), to_uint8(reconstructions)
-    hits = sum(dominant_colour(image) == parse_caption(caption).colour for image, caption in zip(decoded, captions))
-    shape_hits = sum(dominant_shape(image) == parse_caption(caption).shape for image, caption in zip(decoded, captions))
+    specs = [parse_caption(caption) for caption in captions]
+    hits = sum(dominant_colour(image) == spec.colour for image, spec in zip(decoded, specs))
+    shape_hits = sum(dominant_shape(image) == spec.shape for image, spec in zip(decoded, specs))
     squared_error = ((originals.astype(np.float64) - decoded.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
     psnr = 10.0 * np.log10(255.0**2 / np.maximum(squared_error, 1e-10))
     return {
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.conf is not None:
         write_conf_yaml(args.conf, cfg, report)
     print(f"fit {fit_seconds:.0f}s, total {total_seconds:.0f}s; shift {cfg.shift_factor} scale {cfg.scaling_factor}; "
-          f"colour {quality['colour_hits']}/{quality['num_images']}, shape {quality['shape_hits']}/{quality['num_images']}, PSNR {quality['psnr_mean_db']:.2f} dB; "
+          f"colour {quality['colour_hits']}/{quality['num_images']}, "
+          f"shape {quality['shape_hits']}/{quality['num_images']}, PSNR {quality['psnr_mean_db']:.2f} dB; "
           f"{report['weights_bytes'] / 1e6:.2f} MB")
     return report
 
