@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make train   # create/refresh .venv, generate the shapes shards, train the embedded default
+#   make train   # create/refresh .venv, generate the shapes shards and their precompute cache,
+#                # train the embedded default (experiment=shapes_cpu)
 #   make test    # create/refresh .venv, run the test suite (slow tests excluded)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -21,11 +22,17 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# shapes_cpu trains on the precompute cache (its data.shards name it), so the encoders read the
+# shards named here; shards already in the cache are skipped.
 data: $(STAMP)
 	$(BIN)/python -m sd3train.tools.make_shapes --out data/shapes
+	for shards in 'train-{000000..000007}' val-000000; do \
+		$(BIN)/sd3train-precompute --out data/shapes_cache experiment=shapes_cpu data.cached=false \
+			"data.shards=data/shapes/$$shards.tar" || exit 1; \
+	done
 
 train: data
-	WANDB_SILENT=true $(BIN)/sd3train-train experiment=tiny_cpu $(ARGS)
+	WANDB_SILENT=true $(BIN)/sd3train-train experiment=shapes_cpu $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
