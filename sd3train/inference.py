@@ -73,6 +73,22 @@ def decode_to_uint8(vae: nn.Module, latents: torch.Tensor) -> list[np.ndarray]:
     return [image.permute(1, 2, 0).cpu().numpy() for image in images]  # (H, W, 3) each
 
 
+def write_grid(path: Path, images: list[np.ndarray], columns: int) -> Path:
+    """One PNG of `images` (each (H, W, 3) uint8, all one size) in rows of `columns`, row-major;
+    the last row is padded with black."""
+    if not images or columns < 1:
+        raise ValueError(f"write_grid needs images and columns >= 1, got {len(images)} images, {columns} columns")
+    height, width, _ = images[0].shape
+    rows = -(-len(images) // columns)
+    grid = np.zeros((rows * height, columns * width, 3), np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
+
+
 def write_samples(out_dir: Path, images: list[np.ndarray], prompts: list[str], seeds: list[int]) -> Path:
     """PNGs plus samples.jsonl (prompt, seed, file relative to out_dir); returns the jsonl path."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from sd3train.data.shapes import all_specs
 from sd3train.eval.colour import colour_adherence
 from sd3train.eval.shape import shape_adherence
-from sd3train.inference import decode_to_uint8, generate_latents, write_samples
+from sd3train.inference import decode_to_uint8, generate_latents, write_grid, write_samples
 
 
 class DataMetrics(L.Callback):
@@ -110,7 +110,7 @@ def evaluation_prompts(samples_per_caption: int) -> list[str]:
 
 class PreviewAndEvaluate(L.Callback):
     """Writes sample grids to run_dir/samples/step-N/ (and W&B) and, at the end, measures colour and
-    shape adherence over every caption of the shapes grammar.
+    shape adherence over every caption of the shapes grammar (its samples: samples/eval-step-N.png).
 
     Samples come from the EMA weights when EMA is on. Seeds start at `seed`, far from anything the
     training streams use, so the evaluation never sees training noise; the evaluation's start at
@@ -181,3 +181,7 @@ class PreviewAndEvaluate(L.Callback):
             logger.save()
         for name, score in metrics.items():
             print(f"{name} = {score:.3f} over {len(prompts)} samples (seeds from {first_seed})")
+        # What was scored, to look at: each caption's samples side by side, about 12 to a row.
+        columns = self.samples_per_caption * max(1, 12 // self.samples_per_caption)
+        grid = write_grid(self.run_dir / "samples" / f"eval-step-{trainer.global_step}.png", images, columns)
+        print(f"evaluation samples: {grid}")

@@ -45,6 +45,9 @@ def test_run_directory_has_everything(trained_run):
     for record in records:
         assert set(record) == {"prompt", "seed", "file"}
         assert (samples / record["file"]).is_file()  # paths are relative to the samples folder
+    # The end-of-run evaluation's 108 samples (36 captions x 3), 12 to a row of 64 px images.
+    with Image.open(trained_run / "samples" / "eval-step-20.png") as grid:
+        assert grid.size == (12 * 64, 9 * 64)
 
 
 def test_metrics_csv_has_the_documented_metrics(trained_run):

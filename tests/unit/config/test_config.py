@@ -22,6 +22,16 @@ def test_tiny_cpu_composes_to_typed_config():
     assert cfg.trainer.accelerator == "cpu"
 
 
+def test_shapes_cpu_is_tiny_cpu_with_a_finer_patch_and_the_same_encoders():
+    tiny, shapes = compose_config("experiment=tiny_cpu"), compose_config("experiment=shapes_cpu")
+    assert shapes.experiment_name == "shapes_cpu"
+    # The same VAE and text encoders: a cache precomputed for one fits the other.
+    assert (shapes.vae, shapes.text, shapes.data.resolution) == (tiny.vae, tiny.text, tiny.data.resolution)
+    assert (shapes.model.patch_size, shapes.model.sample_size, shapes.model.depth) == (1, 8, tiny.model.depth)
+    assert shapes.data.cached and shapes.data.shards.startswith("data/shapes_cache/")
+    assert shapes.eval.samples_per_caption == 3
+
+
 def test_user_overrides_reach_typed_config():
     cfg = compose_config("experiment=tiny_cpu", "trainer.max_steps=20", "model.depth=2", "data.batch_size=4")
     assert (cfg.trainer.max_steps, cfg.model.depth, cfg.data.batch_size) == (20, 2, 4)
