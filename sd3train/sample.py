@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     from sd3train.config.typed import ConfigError, build_typed
     from sd3train.config.validate import skip_layer_problems
     from sd3train.inference import decode_to_uint8, generate_latents, write_samples
-    from sd3train.lit.module import SD3LitModule
+    from sd3train.lit.module import restore_module
 
     try:
         # Its config, with the weights the run started from replaced by the checkpoint's own.
@@ -88,11 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{len(prompts)} prompts but {len(seeds)} seeds")
 
     device = args.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-    module = SD3LitModule(cfg)
-    state = {"state_dict": dict(checkpoint.state_dict)}
-    module.on_load_checkpoint(state)
-    module.load_state_dict(state["state_dict"])
-    module.to(device).eval()
+    module = restore_module(checkpoint).to(device)
     model = module.sampling_model if args.get("ema", True) else module.mmdit
     side = cfg.data.resolution // module.vae.downsample_factor
     latents = generate_latents(model, module.text, prompts, seeds, (cfg.vae.latent_channels, side, side),

@@ -36,6 +36,15 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def no_inherited_wandb_service():
+    """A run with W&B in the test process leaves its service's address in os.environ
+    (WANDB_SERVICE); console scripts started later would inherit it and share that service, which
+    then refuses a resumed run's id as "in use". Each test starts without one."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session")
 def small_shapes(tmp_path_factory) -> Path:
     """4 train shards of 64 samples and a 32-sample validation shard, written by the project's tool."""

@@ -9,6 +9,8 @@ handed to the loggers only at logging steps. Logging and checkpoint steps read w
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import lightning as L
 import torch
 
@@ -35,6 +37,9 @@ from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner
 from sd3train.paths import run_dir_of
 from sd3train.runtime.lr_schedule import lr_factor
 from sd3train.runtime.rng import derive_seed, step_generator
+
+if TYPE_CHECKING:
+    from sd3train.checkpoint.training import TrainingCheckpoint
 
 # Validation loss as in SD3: 8 equally spaced t in [0, 1), excluding the pure-noise end t = 1.
 VALIDATION_TIMESTEPS = tuple(k / 8 for k in range(8))
@@ -302,6 +307,16 @@ class SD3LitModule(L.LightningModule):
                 continue  # the CPU text encoders of a run on the cache are not part of its state
             for key, value in module.state_dict().items():
                 state.setdefault(prefix + key, value)
+
+
+def restore_module(checkpoint: "TrainingCheckpoint") -> SD3LitModule:
+    """A training checkpoint's module with its weights (EMA included), in eval mode, on the CPU:
+    what sampling and evaluation from a finished run start from."""
+    module = SD3LitModule(checkpoint.config)
+    state = {"state_dict": dict(checkpoint.state_dict)}
+    module.on_load_checkpoint(state)
+    module.load_state_dict(state["state_dict"])
+    return module.eval()
 
 
 def resolve_frozen_dtype(cfg: TrainConfig) -> torch.dtype:

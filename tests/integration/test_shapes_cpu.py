@@ -32,7 +32,7 @@ def test_shapes_cpu_trains_and_evaluates_on_the_cache(cache):
         "experiment=shapes_cpu", f"data.shards='{cache}/cache/{TRAIN}'",
         f"data.val_shards='{cache}/cache/val-000000.tar'", f"paths.runs_dir={cache / 'runs'}",
         "model.compile=false", "trainer.max_steps=4", "trainer.val_every_n_steps=4", "eval.samples_per_caption=1",
-        "eval.sample_every_n_steps=0", "ema.every_n_steps=1",
+        "eval.sample_every_n_steps=0", "ema.every_n_steps=1", "logger.wandb=false",
     )
     assert (cfg.trainer.precision, cfg.model.attention_backend, cfg.data.cached) == ("bf16-mixed", "math", True)
     fit(cfg)
