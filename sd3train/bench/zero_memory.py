@@ -11,11 +11,14 @@ weights 2 and gradients 2, fp32 master weights 4 and Adam moments 4 + 4. With N 
     zero1   4 + 12 / N   optimizer states (master weights, moments) sharded
     zero2   2 + 14 / N   gradients sharded too
     zero3   16 / N       weights sharded too (gathered layer by layer when used)
+    fsdp    16 / N       FSDP2 (strategy=fsdp): fp32 weights, gradients and moments sharded
+    fsdp_keep 2 + 16 / N the same with strategy.reshard_after_forward=false, at the peak
 
 Communication per optimizer step and rank, in parameter-sized messages of bf16: DDP all-reduces
 the gradients (2 (N - 1) / N x 2 bytes per parameter with a ring); ZeRO-1/2 reduce-scatter the
 gradients and all-gather the weights (the same volume); ZeRO-3 gathers the weights in the forward
-and again in the backward pass (1.5x). Activations, the frozen encoders (T5-XXL is 4.7B parameters:
+and again in the backward pass (1.5x). FSDP2 does the same and reduce-scatters the gradients in
+fp32 (2x; 1.5x with reshard_after_forward=false, which gathers once). Activations, the frozen encoders (T5-XXL is 4.7B parameters:
 9.5 GB in bf16 unless the text embeddings are precomputed) and framework buffers come on top.
 """
 
@@ -34,9 +37,14 @@ from sd3train.model.mmdit import MMDiT
 
 PROG = "python -m sd3train.bench.zero_memory"
 BYTES_PER_PARAMETER = {"ddp": lambda n: 16.0, "zero1": lambda n: 4 + 12 / n, "zero2": lambda n: 2 + 14 / n,
-                       "zero3": lambda n: 16 / n}
-# Gradient/weight traffic per step relative to one all-reduce of bf16 gradients.
-TRAFFIC = {"ddp": 1.0, "zero1": 1.0, "zero2": 1.0, "zero3": 1.5}
+                       "zero3": lambda n: 16 / n,
+                       # FSDP2 keeps fp32 weights and gradients sharded (reduced in fp32): 16 / N; with
+                       # reshard_after_forward=false every block's bf16 weights stay gathered until
+                       # its backward, 2 bytes more at the peak.
+                       "fsdp": lambda n: 16 / n, "fsdp_keep": lambda n: 2 + 16 / n}
+# Gradient/weight traffic per step relative to one all-reduce of bf16 gradients (an all-gather or a
+# reduce-scatter of bf16 is half of one; FSDP2 reduce-scatters fp32 gradients, a whole one).
+TRAFFIC = {"ddp": 1.0, "zero1": 1.0, "zero2": 1.0, "zero3": 1.5, "fsdp": 2.0, "fsdp_keep": 1.5}
 
 
 def parameter_count(model_name: str) -> int:
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result['model']}: {result['parameters'] / 1e9:.3f}B trainable parameters, {args.gpus} GPUs of {args.gpu_gb:g} GB")
         for name, states in result["states_gb"].items():
             fits = "fits" if states < args.gpu_gb else "does not fit"
-            print(f"  {name:6s} weights+grads+optimizer {states:7.1f} GB per GPU ({fits} before activations); "
+            print(f"  {name:9s} weights+grads+optimizer {states:7.1f} GB per GPU ({fits} before activations); "
                   f"{result['traffic_gb_per_step'][name]:6.1f} GB sent per GPU per step")
     return 0
 

@@ -1,5 +1,5 @@
 """Reading and writing weight files: safetensors (single, sharded with an index), Lightning checkpoints
-(a .ckpt file, a DeepSpeed checkpoint directory, a published step directory).
+(a .ckpt file, a DeepSpeed or FSDP2 checkpoint directory, a published step directory).
 
 Every read error names the file: a truncated or corrupt safetensors file fails here with its path,
 never deep inside torch. Writes are atomic: a temporary sibling, then a rename, so a crash leaves
@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -168,16 +169,45 @@ def read_zero_checkpoint(folder: Path) -> dict:
     return checkpoint
 
 
+DCP_METADATA_FILES = ("meta.pt", ".metadata")  # Lightning's rest of the checkpoint; DCP's index
+
+
+def read_dcp_checkpoint(folder: Path) -> dict:
+    """An FSDP2 checkpoint directory (torch.distributed.checkpoint shards, what strategy=fsdp saves)
+    consolidated in memory, in one process, into a Lightning checkpoint dict: the full `state_dict`
+    (every shard of every rank joined) and the Lightning state in meta.pt. Optimizer states are
+    not read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = "state_dict."
+    try:
+        saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        tensors = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+                   for key, meta in saved.items()
+                   if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"state_dict": tensors}, checkpoint_id=str(folder), no_dist=True)
+        checkpoint = torch.load(folder / DCP_METADATA_FILES[0], map_location="cpu", weights_only=False)
+    except Exception as error:  # DCP raises CheckpointException, OSError, pickle and zip errors
+        raise CheckpointError(f"cannot read FSDP2 (DCP) checkpoint {folder}: {type(error).__name__}: {error}") from error
+    checkpoint["state_dict"] = tensors
+    return checkpoint
+
+
 def read_lightning_checkpoint(file: Path) -> dict:
     """A Lightning checkpoint written by sd3train-train: a .ckpt file (memory-mapped, so tensors are
-    paged in on use), a DeepSpeed checkpoint directory (consolidated to fp32), or a published step
+    paged in on use), a DeepSpeed or FSDP2 checkpoint directory (consolidated), or a published step
     directory / `last` holding either (see `step_dirs.training_checkpoint_file`).
 
     Unpickled with weights_only=False: the checkpoint is our own format and holds optimizer and
     loop state objects. Do not load .ckpt files from untrusted sources.
     """
     file = training_checkpoint_file(Path(file))
-    if file.is_dir():
+    if file.is_dir() and all((file / name).is_file() for name in DCP_METADATA_FILES):
+        checkpoint = read_dcp_checkpoint(file)
+    elif file.is_dir():
         checkpoint = read_zero_checkpoint(file)
     else:
         checkpoint = torch_load(file, weights_only=False, what="checkpoint")

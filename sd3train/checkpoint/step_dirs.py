@@ -184,11 +184,21 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path, warn: Callable[[str], Non
 
 def check_resume_world_size(cfg: TrainConfig, ckpt_path: str | None) -> None:
     """A ZeRO checkpoint holds one optimizer shard per rank: resuming it on another number of ranks
-    is refused (ConfigError) with the way out. DDP checkpoints hold everything and may move."""
+    is refused (ConfigError) with the way out. DDP checkpoints hold everything and may move; FSDP2's
+    (DCP) are resharded on load, so they move too, but only between FSDP2 runs."""
     if ckpt_path is None or Path(ckpt_path).name != TRAINING_CHECKPOINT_FILE:
         return
     marker = read_marker(Path(ckpt_path).parent)
     world_size = cfg.trainer.devices * cfg.trainer.num_nodes
+    if marker is not None and (marker.get("strategy") == "fsdp") != (cfg.strategy.name == "fsdp"):
+        # FSDP2 writes DCP directories that no other strategy reads, nor it theirs.
+        step_dir = Path(ckpt_path).parent
+        raise ConfigError([
+            f"trainer.resume: {step_dir} was written under strategy {marker.get('strategy')}, this run uses "
+            f"strategy.name={cfg.strategy.name}; resume it with the strategy that wrote it, or continue from its "
+            f"weights: sd3train-export checkpoint={step_dir} format=single_file out=weights.safetensors, then "
+            "train with model.weights=weights.safetensors trainer.resume=never"
+        ])
     if marker is None or marker.get("world_size", world_size) == world_size:
         return
     if marker.get("strategy") == "deepspeed" or cfg.strategy.name == "deepspeed":

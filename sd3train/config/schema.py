@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+# model.float8: no float8, or torchao's recipes (sd3train/model/float8.py).
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
+
+
 @dataclass
 class ModelConfig:
     """MM-DiT. Width defaults to 64 * depth and heads to depth, as in SD3."""
@@ -43,6 +47,9 @@ class ModelConfig:
     compile: Optional[bool] = None
     # SDPA kernel: auto (torch's choice; on Hopper cuDNN attention first), flash, cudnn, efficient, math.
     attention_backend: str = "auto"
+    # Float8 matmuls in the joint blocks' linear layers (torchao, sd3train/model/float8.py): none,
+    # tensorwise or rowwise scaling; emulated (same casts, higher-precision matmul) without float8 hardware.
+    float8: str = "none"  # one of FLOAT8_RECIPES
     # SD3.5-Medium's training augmentation: each sample adds a randomly placed crop of the position
     # table instead of the centre crop, so positions off the centre are trained too. Inference and
     # validation always use the centre crop.
@@ -265,9 +272,9 @@ class EvalConfig:
 
 @dataclass
 class StrategyConfig:
-    """How training is spread over devices (`strategy=ddp|zero1|zero2|zero3|zero3_offload`)."""
+    """How training is spread over devices (`strategy=ddp|fsdp|fsdp_hybrid|zero1|zero2|zero3|zero3_offload`)."""
 
-    name: str = "ddp"  # ddp, or deepspeed (ZeRO)
+    name: str = "ddp"  # ddp, fsdp (PyTorch FSDP2) or deepspeed (ZeRO)
     zero_stage: int = 0  # 1: optimizer states sharded, 2: + gradients, 3: + parameters
     offload_optimizer: bool = False  # ZeRO optimizer states (and step) in CPU memory
     offload_parameters: bool = False  # ZeRO-3 parameters in CPU memory
@@ -278,6 +285,14 @@ class StrategyConfig:
     contiguous_gradients: bool = True
     # Process group backend; None: nccl on GPUs, gloo on CPUs.
     process_group_backend: Optional[str] = None
+    # FSDP2 (strategy=fsdp): free each block's gathered parameters after its forward and gather them
+    # again for backward (ZeRO-3's memory); false keeps them until backward (ZeRO-2's, less traffic).
+    reshard_after_forward: bool = True
+    # FSDP2: shard within a node and replicate across nodes (HSDP; strategy=fsdp_hybrid), so the
+    # parameter all-gathers stay on the node's fast links.
+    hybrid: bool = False
+    # FSDP2: parameters, gradients and optimizer states in CPU memory (the optimizer steps on the CPU).
+    cpu_offload: bool = False
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sd3train.config.schema import SamplerConfig, TrainConfig
+from sd3train.config.schema import FLOAT8_RECIPES, SamplerConfig, TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
 from sd3train.config.validate_data import data_problems
 from sd3train.config.validate_training import strategy_problems, trainer_problems
@@ -108,6 +108,11 @@ def model_option_problems(cfg: TrainConfig) -> list[str]:
     elif model.attention_backend in CUDA_ONLY_ATTENTION_BACKENDS and cfg.trainer.accelerator == "cpu":
         problems.append(f"model.attention_backend: {model.attention_backend} attention needs a CUDA device, "
                         "trainer.accelerator is cpu (flash and math run on CPU)")
+    if model.float8 not in FLOAT8_RECIPES:
+        problems.append(f"model.float8: {model.float8!r} is not one of {', '.join(FLOAT8_RECIPES)}")
+    elif model.float8 != "none" and cfg.strategy.name == "deepspeed":
+        problems.append("model.float8: float8 training needs strategy ddp or fsdp; DeepSpeed ZeRO does not "
+                        "run torchao's Float8Linear")
     if model.compile and cfg.strategy.name == "deepspeed":
         # ZeRO partitions parameters and hooks their gathering around each module: compiled blocks do
         # not follow it. Left at null, model.compile resolves to false with DeepSpeed.

@@ -1,4 +1,4 @@
-"""Cross-field checks of how training runs: strategy (DDP / ZeRO stages and their options), batch
+"""Cross-field checks of how training runs: strategy (DDP / FSDP2 / ZeRO stages and their options), batch
 arithmetic, checkpoint retention, the non-finite guard and the user's callbacks."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from sd3train.config.schema import TrainConfig
 from sd3train.runtime.dotted import import_object
 
-STRATEGIES = ("ddp", "deepspeed")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
 FROZEN_DTYPES = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = (None, "nccl", "gloo", "mpi")
 
@@ -16,13 +16,14 @@ def strategy_problems(cfg: TrainConfig) -> list[str]:
     problems: list[str] = []
     if strategy.name not in STRATEGIES:
         problems.append(f"strategy.name: {strategy.name!r} is not one of {', '.join(STRATEGIES)}")
-    elif strategy.name == "ddp":
+    elif strategy.name in ("ddp", "fsdp"):
         if strategy.zero_stage != 0:
             problems.append(f"strategy.zero_stage: {strategy.zero_stage} needs strategy.name=deepspeed "
                             "(use strategy=zero1|zero2|zero3)")
         for option in ("offload_optimizer", "offload_parameters"):
             if getattr(strategy, option):
-                problems.append(f"strategy.{option}: needs a ZeRO strategy (strategy=zero3_offload)")
+                fix = "FSDP2 offloads with strategy.cpu_offload=true" if strategy.name == "fsdp" else "strategy=zero3_offload"
+                problems.append(f"strategy.{option}: needs a ZeRO strategy ({fix})")
     else:
         if strategy.zero_stage not in (1, 2, 3):
             problems.append(f"strategy.zero_stage: must be 1, 2 or 3 with deepspeed, got {strategy.zero_stage}")
@@ -31,6 +32,17 @@ def strategy_problems(cfg: TrainConfig) -> list[str]:
                             f"strategy.zero_stage is {strategy.zero_stage}")
         if trainer.precision.startswith("16") and trainer.accelerator == "cpu":
             problems.append(f"trainer.precision: {trainer.precision} is refused by DeepSpeed on CPU; use bf16-mixed or 32-true")
+    if strategy.name != "fsdp":
+        for option in ("hybrid", "cpu_offload"):
+            if getattr(strategy, option):
+                problems.append(f"strategy.{option}: an FSDP2 option; it needs strategy.name=fsdp (strategy=fsdp)")
+    else:
+        if strategy.hybrid and trainer.num_nodes < 2:
+            problems.append(f"strategy.hybrid: replicates across nodes and needs trainer.num_nodes >= 2, got "
+                            f"{trainer.num_nodes} (use strategy=fsdp on one node)")
+        if strategy.cpu_offload and trainer.accelerator == "cpu":
+            problems.append("strategy.cpu_offload: moves GPU memory to the CPU (FSDP2 pins host memory, which "
+                            "needs CUDA); this run's trainer.accelerator is cpu")
     if strategy.process_group_backend not in BACKENDS:
         problems.append(f"strategy.process_group_backend: {strategy.process_group_backend!r} is not one of "
                         f"{', '.join(str(b) for b in BACKENDS)}")

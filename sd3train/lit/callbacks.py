@@ -138,9 +138,10 @@ class PreviewAndEvaluate(L.Callback):
 
     @staticmethod
     def _generates(trainer) -> bool:
-        """Whether this rank runs the sampler: rank 0, or every rank under ZeRO-3, whose weights
-        are gathered from all ranks as each layer runs (rank 0 alone would wait forever)."""
-        return trainer.is_global_zero or bool(getattr(trainer.strategy, "zero_stage_3", False))
+        """Whether this rank runs the sampler: rank 0, or every rank under ZeRO-3 and FSDP2, whose
+        weights are gathered from all ranks as each layer runs (rank 0 alone would wait forever)."""
+        return (trainer.is_global_zero or bool(getattr(trainer.strategy, "zero_stage_3", False))
+                or hasattr(trainer.strategy, "fsdp_mesh"))
 
     def _preview(self, trainer, pl_module, logger_step: int) -> None:
         """Sample the preview prompts into samples/step-N/ and to W&B at `logger_step` (the step

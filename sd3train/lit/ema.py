@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from sd3train.model.sharding import local_tensor
+
 
 class EMAModel(nn.Module):
     """`shadow` tracks `decay`-weighted averages of the source model's parameters.
@@ -62,8 +64,9 @@ class EMAModel(nn.Module):
                     shadow.append(s.data)
                     source.append(p.data)
         else:
-            shadow = [s for s, _ in pairs]
-            source = [p.detach() for _, p in pairs]
+            # FSDP2 shards the shadow as it shards the model: each rank averages its local shard.
+            shadow = [local_tensor(s) for s, _ in pairs]
+            source = [local_tensor(p.detach()) for _, p in pairs]
         if shadow:
             # A 0-dim weight per tensor, on its device in its dtype: the Scalar overload would read a
             # tensor weight back to the host.

@@ -32,7 +32,9 @@ from sd3train.lit.nonfinite import NonFiniteGuard, SkippableAdamW
 from sd3train.lit.prompts import CPUTextConditioner
 from sd3train.model.compile import compile_blocks, compile_enabled
 from sd3train.model.embeddings import random_crop_offsets
+from sd3train.model.float8 import convert_blocks_to_float8
 from sd3train.model.mmdit import MMDiT
+from sd3train.model.sharding import is_sharded, shard_mmdit
 from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner
 from sd3train.paths import run_dir_of
 from sd3train.runtime.lr_schedule import lr_factor
@@ -50,8 +52,13 @@ class SD3LitModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.mmdit = mmdit_from_config(cfg.model)
+        # The EMA copy is taken first: it averages in plain modules, whatever trains in float8.
+        self.ema = EMAModel(self.mmdit, cfg.ema.decay, cfg.ema.every_n_steps) if cfg.ema.enabled else None
+        # torchtitan's order: activation checkpointing (set when built), float8, compile, then
+        # sharding (configure_model). Both change modules in place and keep the parameter names.
+        convert_blocks_to_float8(self.mmdit, cfg.model.float8)
         if compile_enabled(cfg.model.compile, cfg.trainer.accelerator, cfg.strategy.name):
-            compile_blocks(self.mmdit)  # in place, same parameter names; a deep copy (the EMA's) is eager
+            compile_blocks(self.mmdit)
         frozen_dtype = resolve_frozen_dtype(cfg)
         self.vae = vae_from_config(cfg.vae, dtype=frozen_dtype)  # frozen, eval mode
         if cfg.data.cached:
@@ -61,7 +68,6 @@ class SD3LitModule(L.LightningModule):
             self.vae.encoder = self.vae.quant_conv = None
         else:
             self.text = text_conditioner_from_config(cfg.text, dtype=frozen_dtype)
-        self.ema = EMAModel(self.mmdit, cfg.ema.decay, cfg.ema.every_n_steps) if cfg.ema.enabled else None
         self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
         self.latent_cache = LatentMomentCache(cfg.data.latent_cache_max_samples) if cfg.data.cache_latents else None
         diffusion = cfg.diffusion
@@ -73,6 +79,20 @@ class SD3LitModule(L.LightningModule):
         # Loss per timestep bin since the last log; summed over ranks when logged.
         self.register_buffer("bin_sums", torch.zeros(diffusion.num_loss_bins, dtype=torch.float64), persistent=False)
         self.register_buffer("bin_counts", torch.zeros(diffusion.num_loss_bins, dtype=torch.float64), persistent=False)
+
+    def configure_model(self) -> None:
+        """Under strategy=fsdp, shard the MM-DiT and its EMA copy alike (the same mesh and units, so
+        the EMA averages each rank's shard with no communication). Lightning calls this once the
+        processes are up; other strategies keep the modules whole."""
+        strategy = self.cfg.strategy
+        if strategy.name != "fsdp" or is_sharded(self.mmdit):
+            return
+        precision = self.cfg.trainer.precision
+        param_dtype = (torch.bfloat16 if precision.startswith("bf16")
+                       else torch.float16 if precision.startswith("16") else None)
+        for model in [self.mmdit] + ([self.ema.shadow] if self.ema is not None else []):
+            shard_mmdit(model, self.trainer.strategy.fsdp_mesh, param_dtype=param_dtype,
+                        reshard_after_forward=strategy.reshard_after_forward, cpu_offload=strategy.cpu_offload)
 
     def train(self, mode: bool = True) -> "SD3LitModule":
         super().train(mode)
@@ -192,6 +212,8 @@ class SD3LitModule(L.LightningModule):
         clip_scale = None
         if grads:  # the norm before clipping, which is what shows an instability coming
             norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor reduced over the shards
+                norm = norm.full_tensor()
             if self._logs_this_step():
                 self.log("train/grad_norm", norm)
             finite = torch.isfinite(norm)

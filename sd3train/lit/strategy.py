@@ -1,4 +1,5 @@
-"""The Lightning strategy a `StrategyConfig` asks for: DDP, or DeepSpeed ZeRO stage 1/2/3.
+"""The Lightning strategy a `StrategyConfig` asks for: DDP, FSDP2 (sd3train/lit/fsdp.py), or DeepSpeed
+ZeRO stage 1/2/3.
 
     sd3train-train experiment=tiny_cpu strategy=zero2 trainer.devices=2   # 2 CPU processes, gloo
     sd3train-train experiment=tiny_cpu strategy=zero3 trainer.devices=2
@@ -118,13 +119,23 @@ def deepspeed_strategy(cfg: TrainConfig, cpu: bool) -> DeepSpeedStrategy:
 
 
 def build_strategy(cfg: TrainConfig):
-    """What `L.Trainer(strategy=...)` gets for `cfg`: "auto", a `DDPStrategy` or a DeepSpeed strategy."""
+    """What `L.Trainer(strategy=...)` gets for `cfg`: "auto", a `DDPStrategy`, an `FSDP2Strategy` (even on
+    one rank: the checkpoints are DCP directories either way) or a DeepSpeed strategy."""
     strategy, trainer = cfg.strategy, cfg.trainer
     if strategy.name == "deepspeed":
         cpu = trainer.accelerator == "cpu" or not torch.cuda.is_available()
         return deepspeed_strategy(cfg, cpu)
+    if strategy.name == "fsdp":
+        from sd3train.lit.fsdp import FSDP2Strategy
+
+        if strategy.cpu_offload and not torch.cuda.is_available():
+            raise ValueError("strategy.cpu_offload: moves GPU memory to the CPU and needs CUDA, which this "
+                             "machine does not have")
+
+        return FSDP2Strategy(trainer.devices * trainer.num_nodes, trainer.num_nodes, strategy.hybrid,
+                             process_group_backend=strategy.process_group_backend)
     if strategy.name != "ddp":
-        raise ValueError(f"strategy.name: {strategy.name!r} is not ddp or deepspeed")
+        raise ValueError(f"strategy.name: {strategy.name!r} is not ddp, fsdp or deepspeed")
     if trainer.devices * trainer.num_nodes == 1:
         return "auto"
     # Backend None: Lightning picks by device type (gloo on CPU, nccl on CUDA). The gradients are

@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import pytest
 
+from sd3train.checkpoint.files import read_lightning_checkpoint
 from sd3train.checkpoint.step_dirs import complete_checkpoints, latest_complete_checkpoint
 
 BIN = Path(sys.executable).parent
@@ -33,20 +34,26 @@ def train_steps_logged(run_dir: Path) -> list[int]:
         return [int(row["step"]) + 1 for row in csv.DictReader(handle) if row.get("train/loss")]
 
 
-def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_and_the_rerun_resumes(repo_shapes, tmp_path):
+# PauseBeforePublish holds every checkpoint but a process's first between checkpoint.ckpt and its
+# marker; PauseMidDCPSave holds FSDP2's inside torch.distributed.checkpoint.save, between the ranks'
+# shards and the index. Step 2 is published at once, step 4 waits there for the kill.
+CASES = {"ddp": ([], "PauseBeforePublish"), "fsdp": (["strategy=fsdp", "trainer.devices=2"], "PauseMidDCPSave")}
+
+
+@pytest.mark.parametrize("strategy", list(CASES))
+def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_and_the_rerun_resumes(repo_shapes, tmp_path, strategy):
     run_dir = tmp_path / "runs" / "tiny_cpu" / "main"
     checkpoints = run_dir / "checkpoints"
     staged = checkpoints / ".staging-step-0000004" / "checkpoint.ckpt"
-    # PauseBeforePublish holds every checkpoint but a process's first between checkpoint.ckpt and its
-    # marker: step 2 is published at once, step 4 waits there for the kill.
+    extra, fault = CASES[strategy]
     with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen([str(BIN / "sd3train-train"), *FAST, "trainer.callbacks=[tests.support.faults.PauseBeforePublish]"],
+        process = subprocess.Popen([str(BIN / "sd3train-train"), *FAST, *extra, f"trainer.callbacks=[tests.support.faults.{fault}]"],
                                    cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # its own process group: kill it and its children
         try:
             deadline = time.monotonic() + 120
             # Killed only once the pause has begun: without it, the kill would race the publish.
-            while not (staged.exists() and "(PauseBeforePublish)" in (tmp_path / "killed.log").read_text()):
+            while not (staged.exists() and f"({fault})" in (tmp_path / "killed.log").read_text()):
                 assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "step 4 was never staged"
                 time.sleep(0.05)
@@ -63,7 +70,9 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_and_the_reru
     before = train_steps_logged(run_dir)
     assert before[:2] == [1, 2]
 
-    rerun = subprocess.run([str(BIN / "sd3train-train"), *FAST], cwd=tmp_path, env=ENV, capture_output=True,
+    if strategy == "fsdp":  # killed inside the DCP save: shards on disk, no index, no meta.pt
+        assert list(staged.glob("*.distcp")) and not (staged / ".metadata").exists()
+    rerun = subprocess.run([str(BIN / "sd3train-train"), *FAST, *extra], cwd=tmp_path, env=ENV, capture_output=True,
                            text=True, timeout=300)
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output[-3000:]
@@ -74,6 +83,6 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_and_the_reru
     assert [step for step, _ in complete_checkpoints(checkpoints)] == [4, 6]  # keep_checkpoints=2
     assert os.readlink(checkpoints / "last") == "step-0000006"
     assert not [path.name for path in checkpoints.iterdir() if path.name.startswith(".")]
-    final = torch.load(checkpoints / "last" / "checkpoint.ckpt", map_location="cpu", weights_only=False)
+    final = read_lightning_checkpoint(checkpoints / "last")
     assert final["global_step"] == 6
     assert "max_steps: 6" in (checkpoints / "last" / "config.yaml").read_text()

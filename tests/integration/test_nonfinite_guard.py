@@ -1,13 +1,16 @@
 """A NaN loss at a chosen step (the NanLossAt fault) is skipped without touching the weights or
-the EMA; K in a row stop the run with the documented exit status and no new checkpoint."""
+the EMA; K in a row stop the run with the documented exit status and no new checkpoint. Under DDP
+and FSDP2 alike."""
 
 from __future__ import annotations
 
 import csv
 
 import lightning as L
+import pytest
 import torch
 
+from sd3train.model.sharding import local_tensor
 from sd3train.runtime.exit_codes import NONFINITE_EXIT_CODE
 from sd3train.train import run_to_end
 from tests.support.config import tiny_config
@@ -22,7 +25,8 @@ class RecordWeights(L.Callback):
 
     @staticmethod
     def _copy(model) -> dict:
-        return {name: value.detach().clone() for name, value in model.state_dict().items()}
+        # Whole tensors under FSDP2 too (one rank here: its shard is the whole tensor).
+        return {name: local_tensor(value.detach()).clone() for name, value in model.state_dict().items()}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.before[trainer.global_step + 1] = (self._copy(pl_module.mmdit), self._copy(pl_module.ema.shadow))
@@ -40,9 +44,10 @@ def _same(first: dict, second: dict) -> bool:
     return all(torch.equal(first[name], second[name]) for name in first)
 
 
-def test_one_nan_step_changes_neither_weights_nor_ema(small_shapes, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_nan_step_changes_neither_weights_nor_ema(small_shapes, tmp_path, strategy):
     recorder = RecordWeights()
-    cfg = _config(small_shapes, tmp_path, "trainer.max_steps=5")
+    cfg = _config(small_shapes, tmp_path, "trainer.max_steps=5", f"strategy={strategy}")
     from sd3train.train import fit, run_dir_of
 
     fit(cfg, extra_callbacks=(NanLossAt({3}), recorder))
@@ -58,8 +63,9 @@ def test_one_nan_step_changes_neither_weights_nor_ema(small_shapes, tmp_path):
     assert steps == [4, 5]  # keep_checkpoints=2; step 3 (poisoned) was never written
 
 
-def test_k_consecutive_nan_steps_stop_with_the_exit_code_and_no_checkpoint(small_shapes, tmp_path):
-    cfg = _config(small_shapes, tmp_path, "trainer.max_steps=8", "trainer.max_nonfinite_steps=3")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_k_consecutive_nan_steps_stop_with_the_exit_code_and_no_checkpoint(small_shapes, tmp_path, strategy):
+    cfg = _config(small_shapes, tmp_path, "trainer.max_steps=8", "trainer.max_nonfinite_steps=3", f"strategy={strategy}")
     from sd3train.train import run_dir_of
 
     assert run_to_end(cfg, extra_callbacks=(NanLossAt({3, 4, 5}),))[0] == NONFINITE_EXIT_CODE

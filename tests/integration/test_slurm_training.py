@@ -58,11 +58,16 @@ def test_two_node_job_trains_with_one_rank_per_node(small_shapes, tmp_path):
     assert (tmp_path / "runs" / "tiny_cpu" / "main" / "checkpoints" / "step-0000003" / "COMPLETE").is_file()
 
 
-def test_usr1_checkpoints_on_all_ranks_requeues_and_trains_each_step_once(small_shapes, tmp_path):
+# Where each rank's part of a checkpoint lands: DeepSpeed's per-rank optimizer shards, DCP's per-rank files.
+RANK_FILES = {"zero2": ("*optim_states.pt", "zero_pp_rank_{}_"), "fsdp": ("*.distcp", "__{}_")}
+
+
+@pytest.mark.parametrize("strategy", list(RANK_FILES))
+def test_usr1_checkpoints_on_all_ranks_requeues_and_trains_each_step_once(small_shapes, tmp_path, strategy):
     max_steps = 16
     run_dir = tmp_path / "runs" / "tiny_cpu" / "main"
     job = submit(tiny_job(
-        tmp_path, f"trainer.max_steps={max_steps}", "strategy=zero2", "trainer.log_every_n_steps=1",
+        tmp_path, f"trainer.max_steps={max_steps}", f"strategy={strategy}", "trainer.log_every_n_steps=1",
         # No scheduled checkpoint before the end: the one resumed from is the preemption's.
         "trainer.checkpoint_every_n_steps=1000", "trainer.callbacks=[tests.support.faults.slow_steps_400ms]",
         "logger.wandb=true", shapes=small_shapes,
@@ -80,11 +85,12 @@ def test_usr1_checkpoints_on_all_ranks_requeues_and_trains_each_step_once(small_
     assert "Terminated" not in log  # the requeue's SIGTERM did not cut the tasks' exit short
     stopped_at = int(stops[0])
     assert 3 <= stopped_at < max_steps
-    # Both ranks wrote their ZeRO shard of the stop checkpoint, and the requeued job resumed from it.
+    # Both ranks wrote their shard of the stop checkpoint, and the requeued job resumed from it.
     stop_dir = run_dir / "checkpoints" / f"step-{stopped_at:07d}"
     assert (stop_dir / "COMPLETE").is_file()
-    shards = sorted(path.name for path in (stop_dir / "checkpoint.ckpt").rglob("*optim_states.pt"))
-    assert len(shards) == 2 and "rank_0" in shards[0] and "rank_1" in shards[1], shards
+    pattern, rank_prefix = RANK_FILES[strategy]
+    shards = sorted(path.name for path in (stop_dir / "checkpoint.ckpt").rglob(pattern))
+    assert len(shards) == 2 and all(name.startswith(rank_prefix.format(rank)) for rank, name in enumerate(shards)), shards
     assert f"Restoring states from the checkpoint path at {stop_dir / 'checkpoint.ckpt'}" in log, log[-4000:]
     assert job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "COMPLETED"
     assert f"`Trainer.fit` stopped: `max_steps={max_steps}` reached." in log

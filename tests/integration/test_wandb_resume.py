@@ -17,7 +17,7 @@ from tests.support.wandb_files import history_rows
 BIN = Path(sys.executable).parent
 
 
-def _train(small_shapes: Path, runs_dir: Path, max_steps: int) -> None:
+def _train(small_shapes: Path, runs_dir: Path, max_steps: int, *extra: str) -> None:
     args = [
         str(BIN / "sd3train-train"), "experiment=tiny_cpu", f"data.shards={small_shapes}/train-{{000000..000003}}.tar",
         "data.val_shards=null", "data.num_workers=0", "model.depth=1", "data.batch_size=4",
@@ -25,6 +25,7 @@ def _train(small_shapes: Path, runs_dir: Path, max_steps: int) -> None:
         "trainer.progress_bar=false", "eval.prompts=[]", "eval.samples_per_caption=0",
         "logger.wandb=true", "logger.wandb_mode=offline", f"paths.runs_dir={runs_dir}",
         "trainer.peak_tflops=0.01",  # a peak for train/mfu on the CPU
+        *extra,
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
@@ -35,9 +36,10 @@ def history_steps(path: Path) -> list[int]:
     return [step for step, _ in history_rows(path)]
 
 
-def test_resumed_run_has_the_same_wandb_id_and_continues_its_steps(small_shapes, tmp_path):
-    _train(small_shapes, tmp_path, 3)
-    _train(small_shapes, tmp_path, 6)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resumed_run_has_the_same_wandb_id_and_continues_its_steps(small_shapes, tmp_path, strategy):
+    _train(small_shapes, tmp_path, 3, f"strategy={strategy}")
+    _train(small_shapes, tmp_path, 6, f"strategy={strategy}")
     run_dir = tmp_path / "tiny_cpu" / "main"
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     run_id = wandb_run_id(run_dir)

@@ -1,4 +1,4 @@
-"""Bitwise-exact resume under ZeRO-2 and ZeRO-3 on two CPU processes: N steps straight vs k steps,
+"""Bitwise-exact resume under ZeRO-2, ZeRO-3 and FSDP2 on two CPU processes: N steps straight vs k steps,
 SIGKILL, resume to N. Per-step losses and final weights (MM-DiT and EMA) are identical; a resume that
 draws from other random streams (the negative control) is not."""
 
@@ -57,7 +57,7 @@ def kill_after_checkpoint(process: subprocess.Popen, cwd: Path, step: int) -> No
     process.communicate()
 
 
-@pytest.mark.parametrize("strategy", ["zero2", pytest.param("zero3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", ["zero2", pytest.param("zero3", marks=pytest.mark.slow), "fsdp"])
 def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(small_shapes, tmp_path, strategy):
     straight, resumed, control = tmp_path / "straight", tmp_path / "resumed", tmp_path / "control"
     for folder in (straight, resumed):

@@ -22,7 +22,7 @@ import torch
 
 from sd3train.checkpoint.files import read_lightning_checkpoint
 from sd3train.checkpoint.step_dirs import latest_complete_checkpoint
-from tests.support.processes import BIN, finish, launch
+from tests.support.processes import BIN, assert_export_holds_the_ema, finish, launch
 
 STEPS = 4
 FAST = ["experiment=tiny_cpu", "trainer.devices=2", "model.depth=1", "data.batch_size=4", f"trainer.max_steps={STEPS}",
@@ -152,16 +152,4 @@ def test_resuming_a_two_rank_zero_checkpoint_on_one_rank_fails_with_the_way_out(
 
 
 def test_sd3train_export_consolidates_a_zero_checkpoint_directory(zero3_run, tmp_path):
-    run_dir, _, _ = zero3_run
-    out = tmp_path / "weights.safetensors"
-    result = subprocess.run([str(BIN / "sd3train-export"), f"checkpoint={run_dir / 'checkpoints' / 'last'}",
-                             "format=single_file", f"out={out}"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    exported = load_file(out)
-    consolidated = read_lightning_checkpoint(run_dir / "checkpoints" / "last")["state_dict"]
-    # The single file holds the EMA weights; spot-check one tensor against the consolidated checkpoint.
-    name = "model.diffusion_model.x_embedder.proj.weight"
-    assert name in exported
-    torch.testing.assert_close(exported[name].float(), consolidated["ema.shadow.x_embedder.proj.weight"].float())
+    assert_export_holds_the_ema(zero3_run[0], tmp_path / "weights.safetensors")

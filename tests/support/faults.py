@@ -82,3 +82,27 @@ class PauseBeforePublish(L.Callback):
         if self.written > 1:
             print(f"{staging_dir} written; publishing in {self.seconds:g} s (PauseBeforePublish)", flush=True)
             time.sleep(self.seconds)
+
+
+class PauseMidDCPSave(L.Callback):
+    """Under strategy=fsdp, hold every DCP checkpoint but the first this process writes for
+    `seconds` after each rank has written its shards and before the DCP index (.metadata) and
+    Lightning's meta.pt exist: a kill then lands in the middle of `torch.distributed.checkpoint.save`."""
+
+    def __init__(self, seconds: float = 60.0):
+        self.seconds = seconds
+        self.saves = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+        original, fault = FileSystemWriter.finish, self
+
+        def finish(writer, metadata, results):  # runs on the coordinating rank, shards already on disk
+            fault.saves += 1
+            if fault.saves > 1:
+                print(f"{writer.path}: shards written, index not yet (PauseMidDCPSave)", flush=True)
+                time.sleep(fault.seconds)
+            return original(writer, metadata, results)
+
+        FileSystemWriter.finish = finish

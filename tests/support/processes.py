@@ -85,3 +85,21 @@ def sigkill_while_feeding_fifo(command: list[str], log: Path, fifo: Path, data: 
             process.wait()
         if writer is not None:
             os.close(writer)
+
+
+def assert_export_holds_the_ema(run_dir: Path, out: Path) -> None:
+    """`sd3train-export format=single_file` of the run's last checkpoint succeeds, and the file holds
+    the EMA weights the checkpoint consolidates to (spot-checked on one tensor)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sd3train.checkpoint.files import read_lightning_checkpoint
+
+    result = subprocess.run([str(BIN / "sd3train-export"), f"checkpoint={run_dir / 'checkpoints' / 'last'}",
+                             "format=single_file", f"out={out}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = load_file(out)
+    consolidated = read_lightning_checkpoint(run_dir / "checkpoints" / "last")["state_dict"]
+    name = "model.diffusion_model.x_embedder.proj.weight"
+    assert name in exported
+    torch.testing.assert_close(exported[name].float(), consolidated["ema.shadow.x_embedder.proj.weight"].float())

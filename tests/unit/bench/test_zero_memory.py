@@ -16,10 +16,13 @@ def test_zero_stages_divide_the_sixteen_bytes_per_parameter_as_the_zero_paper_do
     result = table("sd35_large", gpus=8)
     parameters = result["parameters"]
     states = {name: gb * 1e9 / parameters for name, gb in result["states_gb"].items()}
-    assert states == pytest.approx({"ddp": 16.0, "zero1": 4 + 12 / 8, "zero2": 2 + 14 / 8, "zero3": 2.0})
+    assert states == pytest.approx({"ddp": 16.0, "zero1": 4 + 12 / 8, "zero2": 2 + 14 / 8, "zero3": 2.0,
+                                    "fsdp": 2.0, "fsdp_keep": 2 + 2.0})
     # The issue's figure: an 8B MM-DiT needs about 129 GB of training state without sharding.
     assert result["states_gb"]["ddp"] == pytest.approx(129, abs=1)
     assert result["traffic_gb_per_step"]["zero3"] == pytest.approx(1.5 * result["traffic_gb_per_step"]["ddp"])
+    # FSDP2's fp32 reduce-scatter is a whole bf16 all-reduce's volume, plus two bf16 all-gathers.
+    assert result["traffic_gb_per_step"]["fsdp"] == pytest.approx(2.0 * result["traffic_gb_per_step"]["ddp"])
 
 
 def test_cli_prints_both_models(capsys):

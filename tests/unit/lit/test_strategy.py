@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
+from sd3train.lit.fsdp import FSDP2Strategy
 from sd3train.lit.strategy import (
     CPUDeepSpeedStrategy,
     build_strategy,
@@ -45,6 +46,17 @@ def test_ddp_on_two_devices_is_ddp_with_the_backend_left_to_lightning(config):
     assert strategy._ddp_kwargs == {"find_unused_parameters": False, "gradient_as_bucket_view": True}
     named = build_strategy(config("strategy=ddp", "trainer.num_nodes=2", "strategy.process_group_backend=gloo"))
     assert named._process_group_backend == "gloo"
+
+
+def test_fsdp_is_the_fsdp2_strategy_on_one_mesh_dimension_or_hybrid(config):
+    for devices in (1, 2):
+        strategy = build_strategy(config("strategy=fsdp", f"trainer.devices={devices}"))
+        assert type(strategy) is FSDP2Strategy and not strategy.hybrid
+        # Every rank in the data-parallel (sharding) dimension, none in tensor parallelism.
+        assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (devices, 1)
+        assert strategy._save_distributed_checkpoint  # DCP: resumable at another world size
+    hybrid = build_strategy(config("strategy=fsdp_hybrid", "trainer.devices=4", "trainer.num_nodes=2"))
+    assert hybrid.hybrid and hybrid.hybrid_nodes == 2 and hybrid._data_parallel_size == 8
 
 
 @pytest.mark.parametrize("option", sorted(ZERO_OPTIONS))
