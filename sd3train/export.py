@@ -6,14 +6,21 @@
 Arguments are key=value, like Hydra overrides:
   checkpoint     (required) our checkpoint (a step directory, checkpoints/last or a .ckpt; EMA weights when
                  present), a single file, or a diffusers folder
-  format         (required) diffusers | single_file
-  out            (required) the folder (diffusers) or .safetensors file (single_file) to write
+  format         (required) diffusers | single_file | lora_diffusers | lora_kohya
+  out            (required) the folder (diffusers) or .safetensors file (the others) to write
+  merge          an adapter run's checkpoint as diffusers / single_file: true merges the adapter into
+                 its base (required for those formats; the lora_* formats write the adapter alone)
   dtype          fp32 | bf16 | fp16 (default fp32)
   vae, text      take the VAE / the text encoders from another checkpoint (default: checkpoint)
   text_encoders  single_file: include the text encoders too (default false, as in sd3.5_large.safetensors)
   shift          the scheduler's shift (default: the checkpoint's sampler shift, else 3.0)
   t5_tokenizer, t5_max_length   for text encoders read from a single file (which has no tokenizers)
   overwrite      replace an existing out (default false)
+
+An adapter run's LoRA (adapter=lora) exports alone: lora_diffusers loads with
+`StableDiffusion3Pipeline.load_lora_weights(out)` (diffusers module names, the fused qkv split into q,
+k and v, alpha / rank folded into B), lora_kohya in ComfyUI and kohya sd-scripts
+(`lora_unet_joint_blocks_N_..._lora_down/lora_up/alpha`). The EMA adapter is exported when there is one.
 
 The diffusers folder loads with `StableDiffusion3Pipeline.from_pretrained(out)`; sample with
 `max_sequence_length` set to the training T5 length (recorded as tokenizer_3's model_max_length;
@@ -31,8 +38,9 @@ from sd3train.cli import fail, parse_key_values
 
 PROG = "sd3train-export"
 ALLOWED = {"checkpoint", "format", "out", "dtype", "vae", "text", "text_encoders", "shift", "t5_tokenizer",
-           "t5_max_length", "overwrite"}
-FORMATS = ("diffusers", "single_file")
+           "t5_max_length", "overwrite", "merge"}
+FORMATS = ("diffusers", "single_file", "lora_diffusers", "lora_kohya")
+LORA_FORMATS = ("lora_diffusers", "lora_kohya")
 DTYPES = ("fp32", "bf16", "fp16")
 DEFAULT_SHIFT = 3.0  # the released SD3 / SD3.5 schedulers'
 
@@ -54,10 +62,46 @@ def checkpoint_shift(path: str | Path) -> float | None:
     return None
 
 
+def adapter_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a training checkpoint of an adapter run."""
+    from sd3train.checkpoint.formats import LIGHTNING, detect
+    from sd3train.checkpoint.training import read_training_checkpoint
+
+    source = detect(path)
+    return source.kind == LIGHTNING and read_training_checkpoint(source.path).config.adapter.kind != "none"
+
+
+def export_lora(path: str | Path, format: str, out: Path, dtype) -> Path:
+    """An adapter run's (EMA) LoRA as one safetensors file in the diffusers or kohya layout."""
+    from sd3train.checkpoint.transformer_loader import adapted_transformer
+    from sd3train.checkpoint.errors import CheckpointError
+    from sd3train.checkpoint.files import save_safetensors_atomic
+    from sd3train.checkpoint.formats import LIGHTNING, detect
+    from sd3train.checkpoint.lora_formats import lora_to_diffusers, lora_to_kohya
+    from sd3train.checkpoint.training import read_training_checkpoint
+    from sd3train.model.adapters import adapter_state_dict
+
+    source = detect(path)
+    checkpoint = read_training_checkpoint(source.path) if source.kind == LIGHTNING else None
+    if checkpoint is None or checkpoint.config.adapter.kind != "lora":
+        raise CheckpointError(f"format={format}: {path} is not the checkpoint of a run with adapter=lora")
+    adapter_cfg, model_cfg = checkpoint.config.adapter, checkpoint.config.model
+    adapter = adapter_state_dict(adapted_transformer(checkpoint))
+    if format == "lora_kohya":
+        tensors = lora_to_kohya(adapter, adapter_cfg.alpha)
+    else:
+        tensors = lora_to_diffusers(adapter, adapter_cfg.alpha, adapter_cfg.rank, model_cfg.depth,
+                                    model_cfg.dual_attention_layers)
+    tensors = {key: value.to(dtype) if value.is_floating_point() and value.dim() else value
+               for key, value in tensors.items()}
+    return save_safetensors_atomic(tensors, out, metadata={"format": "pt", "sd3train_layout": format})
+
+
 def export(args: dict) -> Path:
     import torch
 
     from sd3train.checkpoint import load_text_conditioner, load_transformer, load_vae
+    from sd3train.checkpoint.errors import CheckpointError
     from sd3train.checkpoint.export_diffusers import export_diffusers
     from sd3train.checkpoint.export_single_file import export_single_file
 
@@ -66,6 +110,11 @@ def export(args: dict) -> Path:
     out = Path(args["out"])
     if out.exists() and not args.get("overwrite", False):
         raise FileExistsError(f"{out} already exists (pass overwrite=true to replace it)")
+    if args["format"] in LORA_FORMATS:
+        return export_lora(checkpoint, args["format"], out, dtype)
+    if adapter_checkpoint(checkpoint) and not args.get("merge", False):
+        raise CheckpointError(f"{checkpoint} is an adapter run's checkpoint: export the adapter with "
+                              "format=lora_diffusers or lora_kohya, or pass merge=true to merge it into its base")
     shift = args.get("shift")
     if shift is None:
         shift = checkpoint_shift(checkpoint)

@@ -37,12 +37,17 @@ def single_thread():
 
 
 @pytest.fixture(autouse=True)
-def no_inherited_wandb_service():
-    """A run with W&B in the test process leaves its service's address in os.environ
-    (WANDB_SERVICE); console scripts started later would inherit it and share that service, which
-    then refuses a resumed run's id as "in use". Each test starts without one."""
+def restored_environment():
+    """Each test leaves os.environ as it found it. A run inside the test process sets variables
+    that console scripts started later would inherit: W&B's service address (WANDB_SERVICE; the
+    shared service then refuses a resumed run's id as "in use"), and Lightning's LOCAL_RANK,
+    NODE_RANK and MASTER_PORT after an in-process FSDP2 run (a 2-rank run started later then takes
+    its processes as launched externally and waits for a rank that never comes)."""
+    saved = dict(os.environ)
     yield
-    os.environ.pop("WANDB_SERVICE", None)
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

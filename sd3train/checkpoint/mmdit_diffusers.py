@@ -166,3 +166,17 @@ def diffusers_to_official(state_dict: dict, num_layers: int) -> dict:
         out[official] = torch.cat([source.pop(name) for name in names], dim=0)  # (3 * D, ...) q, k, v rows
     _raise_if_problems(missing, list(source), "diffusers_to_official")
     return out
+
+
+def linear_module_names(num_layers: int, dual_attention_layers: set[int]):
+    """The linear layers' correspondence by module name (no `.weight`): (renamed, fused), where
+    renamed maps an official module to (its diffusers module, whether its output rows swap halves)
+    and fused maps an official qkv module to its diffusers q, k and v modules. For adapters, which
+    attach to modules rather than to parameters."""
+    renames, fused = _layout(num_layers, set(dual_attention_layers), qk_norm=False)
+    suffix = ".weight"
+    renamed = {official[:-len(suffix)]: (diffusers[:-len(suffix)], swap)
+               for official, diffusers, swap in renames if official.endswith(suffix) and diffusers.endswith(suffix)}
+    split = {official[:-len(suffix)]: tuple(name[:-len(suffix)] for name in names)
+             for official, names, _ in fused if official.endswith(suffix)}
+    return renamed, split

@@ -2,12 +2,13 @@
 
 `checkpoint["state_dict"]` holds `mmdit.*`, `ema.shadow.*` (the EMA copy, when EMA is on),
 `vae.*` and `text.*` (left out when those were loaded from weight files the config names), and
-`checkpoint["sd3train_config"]` the plain training config.
+`checkpoint["sd3train_config"]` the plain training config. An adapter run's checkpoint holds only the
+adapter's `mmdit.*` / `ema.shadow.*` weights (peft names) and `checkpoint["sd3train_adapter_base"]`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ class TrainingCheckpoint:
     path: Path
     state_dict: dict
     config: TrainConfig
+    extra: dict = field(default_factory=dict)  # other sd3train_* entries (the adapter's base record)
 
     def has(self, component: str) -> bool:
         prefix = LIGHTNING_PREFIXES[component]
@@ -40,7 +42,8 @@ class TrainingCheckpoint:
         }
 
     def transformer(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The EMA weights when the run kept them (what samples best), else the trained weights."""
+        """The EMA weights when the run kept them (what samples best), else the trained weights. An
+        adapter run's are its adapter alone (`transformer_loader.adapted_transformer` adds the base)."""
         return self.component("ema" if self.has("ema") else "transformer", dtype)
 
     def transformer_prefix(self) -> str:
@@ -73,7 +76,9 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     state_dict = checkpoint["state_dict"]
     unweighted = {"model": ("weights",), "vae": ("weights",),
                   "text": ("weights", "clip_l_weights", "clip_g_weights", "t5_weights")}
-    saved = {"model": True, **{section: any(key.startswith(LIGHTNING_PREFIXES[section]) for key in state_dict)
+    # An adapter run saves its adapter alone: its base still comes from model.weights.
+    adapter_run = plain.get("adapter", {}).get("kind", "none") != "none"
+    saved = {"model": not adapter_run, **{section: any(key.startswith(LIGHTNING_PREFIXES[section]) for key in state_dict)
                                for section in ("vae", "text")}}
     for section, keys in unweighted.items():
         if saved[section]:
@@ -82,4 +87,5 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
         config = load_config(plain)
     except ConfigError as error:
         raise CheckpointError(f"the training config stored in {path} is invalid: {error}") from error
-    return TrainingCheckpoint(path, state_dict, config)
+    extra = {key: value for key, value in checkpoint.items() if key == "sd3train_adapter_base"}
+    return TrainingCheckpoint(path, state_dict, config, extra)

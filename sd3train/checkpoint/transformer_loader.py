@@ -34,9 +34,12 @@ from sd3train.checkpoint.formats import (
     mmdit_naming,
 )
 from sd3train.checkpoint.mmdit_diffusers import diffusers_to_official
-from sd3train.checkpoint.training import read_training_checkpoint
+from sd3train.checkpoint.adapters import check_adapter_base
+from sd3train.checkpoint.training import TrainingCheckpoint, read_training_checkpoint
 from sd3train.config.schema import ModelConfig
+from sd3train.model.adapters import apply_adapter_config, is_adapter_key, merged_state_dict, weights_digest
 from sd3train.model.mmdit import MMDiT
+from sd3train.paths import resolve_repo_path
 
 WHAT = "MM-DiT"
 
@@ -91,6 +94,10 @@ def read_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> tu
     source = detect(path)
     if source.kind == LIGHTNING:
         checkpoint = read_training_checkpoint(source.path)
+        if checkpoint.config.adapter.kind != "none":  # its base with the (EMA) adapter merged in
+            merged = merged_state_dict(adapted_transformer(checkpoint))
+            state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in merged.items()}
+            return checkpoint.config.model, state, source.path, ""
         return checkpoint.config.model, checkpoint.transformer(dtype), source.path, checkpoint.transformer_prefix()
     if source.kind in (PIPELINE, COMPONENT):
         where = source.subfolder("transformer") if source.kind == PIPELINE else source.path
@@ -108,3 +115,23 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> MM
     """
     config, state, where, prefix = read_transformer(path, dtype)
     return build_transformer(config, state, where, prefix)
+
+
+def adapted_transformer(checkpoint: TrainingCheckpoint, use_ema: bool = True) -> torch.nn.Module:
+    """The MM-DiT of an adapter run's checkpoint (eval mode): its base from `model.weights`, checked
+    against the recorded digest, with the adapter loaded (the EMA adapter when there is one and
+    `use_ema`), peft-wrapped."""
+    cfg = checkpoint.config
+    _, state, where, prefix = read_transformer(resolve_repo_path(cfg.model.weights))
+    model = build_transformer(cfg.model, state, where, prefix)
+    check_adapter_base(checkpoint.extra, weights_digest(model.state_dict()), cfg.model.weights)
+    apply_adapter_config(model, cfg.adapter)
+    source = "ema.shadow." if use_ema and checkpoint.has("ema") else "mmdit."
+    adapter = {key[len(source):]: value for key, value in checkpoint.state_dict.items()
+               if key.startswith(source) and is_adapter_key(key)}
+    loaded = model.load_state_dict(adapter, strict=False)
+    absent = [key for key in loaded.missing_keys if is_adapter_key(key)]
+    if absent or loaded.unexpected_keys:
+        raise CheckpointError(f"{checkpoint.path}: adapter weights do not fit its config: missing {absent[:10]}, "
+                              f"unexpected {loaded.unexpected_keys[:10]}")
+    return model.eval()

@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sd3train.config.schema import FLOAT8_RECIPES, SamplerConfig, TrainConfig
+from sd3train.config.schema import ADAPTER_KINDS, FLOAT8_RECIPES, LORA_INITS, SamplerConfig, TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
 from sd3train.config.validate_data import data_problems
 from sd3train.config.validate_training import strategy_problems, trainer_problems
@@ -121,6 +121,38 @@ def model_option_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
+def adapter_problems(cfg: TrainConfig) -> list[str]:
+    adapter = cfg.adapter
+    if adapter.kind not in ADAPTER_KINDS:
+        return [f"adapter.kind: {adapter.kind!r} is not one of {', '.join(ADAPTER_KINDS)}"]
+    if adapter.kind == "none":
+        return []
+    problems = []
+    if cfg.model.weights is None:
+        problems.append("adapter: adapters finetune a base model; set model.weights (a checkpoint, single file "
+                        "or diffusers folder)")
+    if adapter.rank < 1:
+        problems.append(f"adapter.rank: must be >= 1, got {adapter.rank}")
+    if adapter.alpha <= 0:
+        problems.append(f"adapter.alpha: must be > 0, got {adapter.alpha}")
+    if not 0.0 <= adapter.dropout < 1.0:
+        problems.append(f"adapter.dropout: must be in [0, 1), got {adapter.dropout}")
+    if not adapter.targets:
+        problems.append("adapter.targets: name at least one group (attention, mlp, modulation, context_stream) "
+                        "or module pattern")
+    inits = LORA_INITS if adapter.kind in ("lora", "dora") else ("default",)
+    if adapter.init not in inits:
+        problems.append(f"adapter.init: {adapter.init!r} is not one of {', '.join(inits)} for {adapter.kind}")
+    for index in adapter.blocks or []:
+        if not 0 <= index < cfg.model.depth:
+            problems.append(f"adapter.blocks: {index} is not a joint block of a depth-{cfg.model.depth} model")
+    if cfg.strategy.name != "ddp":
+        problems.append(f"adapter: runs under strategy ddp for now (strategy.name is {cfg.strategy.name})")
+    if cfg.model.float8 != "none":
+        problems.append("adapter: float8 matmuls apply to full finetuning; set model.float8=none")
+    return problems
+
+
 def upgrade_retired_values(plain: dict) -> dict:
     """Values of older configs and checkpoints in today's form: `model.activation_checkpointing`
     true/false (before its modes existed) is full/none. Runs before type checking, so the command
@@ -194,6 +226,7 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"diffusion.sampler.num_steps: must be >= 1, got {diffusion.sampler.num_steps}")
     problems.extend(skip_layer_problems(diffusion.sampler, model.depth, "diffusion.sampler."))
     problems.extend(model_option_problems(cfg))
+    problems.extend(adapter_problems(cfg))
     problems.extend(data_problems(cfg, multiple))
     problems.extend(strategy_problems(cfg))
     problems.extend(trainer_problems(cfg))

@@ -52,7 +52,8 @@ class EMAModel(nn.Module):
         weight = 1.0 - self.current_decay()
         if applied is not None:
             weight = weight * applied.to(weight.device)
-        pairs = list(zip(self.shadow.parameters(), model.parameters()))
+        # Only what trains moves (a frozen base under adapters is the same in both).
+        pairs = [(s, p) for s, p in zip(self.shadow.parameters(), model.parameters()) if p.requires_grad]
         if pairs and hasattr(pairs[0][0], "ds_tensor"):
             # DeepSpeed ZeRO-3 splits the shadow and the model alike over the ranks: each rank
             # averages its own slice (no communication). Parameters DeepSpeed keeps whole

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import lightning as L
 import torch
 
+from sd3train.checkpoint.adapters import check_adapter_base
 from sd3train.checkpoint.components import (
     mmdit_from_config,
     text_conditioner_from_config,
@@ -31,6 +32,7 @@ from sd3train.lit.loggers import wandb_run_id
 from sd3train.lit.nonfinite import NonFiniteGuard, SkippableAdamW
 from sd3train.lit.prompts import CPUTextConditioner
 from sd3train.model.compile import compile_blocks, compile_enabled
+from sd3train.model.adapters import apply_adapter_config, is_adapter_key, weights_digest
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.float8 import convert_blocks_to_float8
 from sd3train.model.mmdit import MMDiT
@@ -52,8 +54,21 @@ class SD3LitModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.mmdit = mmdit_from_config(cfg.model)
-        # The EMA copy is taken first: it averages in plain modules, whatever trains in float8.
+        self.base_digest = None  # adapters: which base weights they were trained on
+        if cfg.adapter.kind != "none":
+            self.base_digest = weights_digest(self.mmdit.state_dict())
+            apply_adapter_config(self.mmdit, cfg.adapter)  # the base is frozen from here on
+            base_dtype = resolve_frozen_dtype(cfg)
+            for parameter in self.mmdit.parameters():
+                if not parameter.requires_grad:  # held in the training dtype: no fp32 master copy
+                    parameter.data = parameter.data.to(base_dtype)
+        # The EMA copy is taken before float8 and compilation: it averages in plain modules.
         self.ema = EMAModel(self.mmdit, cfg.ema.decay, cfg.ema.every_n_steps) if cfg.ema.enabled else None
+        if self.ema is not None and self.base_digest is not None:
+            # The frozen base is the same in both: the shadow shares it instead of holding a copy.
+            for shadow, parameter in zip(self.ema.shadow.parameters(), self.mmdit.parameters()):
+                if not parameter.requires_grad:
+                    shadow.data = parameter.data
         # torchtitan's order: activation checkpointing (set when built), float8, compile, then
         # sharding (configure_model). Both change modules in place and keep the parameter names.
         convert_blocks_to_float8(self.mmdit, cfg.model.float8)
@@ -286,7 +301,7 @@ class SD3LitModule(L.LightningModule):
     def configure_optimizers(self):
         optim = self.cfg.optim
         optimizer = SkippableAdamW(
-            self.mmdit.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+            [parameter for parameter in self.mmdit.parameters() if parameter.requires_grad], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
         total = self.cfg.trainer.max_steps
@@ -312,6 +327,12 @@ class SD3LitModule(L.LightningModule):
         skipped = self._frozen_from_files()
         for key in [key for key in state if skipped and key.startswith(skipped)]:
             del state[key]
+        if self.base_digest is not None:
+            # Adapters: only their weights (trained and averaged); the base comes from model.weights,
+            # identified by its digest.
+            for key in [key for key in state if key.startswith(("mmdit.", "ema.shadow.")) and not is_adapter_key(key)]:
+                del state[key]
+            checkpoint["sd3train_adapter_base"] = {"weights": self.cfg.model.weights, "digest": self.base_digest}
         checkpoint["sd3train_config"] = to_plain(self.cfg)
         checkpoint["sd3train_guard"] = self.guard.state_dict()
         # The W&B id is a function of the run directory (sd3train.lit.loggers); recorded for tools.
@@ -324,7 +345,11 @@ class SD3LitModule(L.LightningModule):
             return  # DeepSpeed restores the (sharded) weights itself and hands over the rest
         # Parts left out at save time come from the weight files they were loaded from.
         state = checkpoint["state_dict"]
-        for prefix, module in (("vae.", self.vae), ("text.", self.text)):
+        parts = [("vae.", self.vae), ("text.", self.text)]
+        if self.base_digest is not None:
+            check_adapter_base(checkpoint, self.base_digest, self.cfg.model.weights)
+            parts += [("mmdit.", self.mmdit)] + ([("ema.shadow.", self.ema.shadow)] if self.ema is not None else [])
+        for prefix, module in parts:
             if not isinstance(module, torch.nn.Module):
                 continue  # the CPU text encoders of a run on the cache are not part of its state
             for key, value in module.state_dict().items():
@@ -335,7 +360,7 @@ def restore_module(checkpoint: "TrainingCheckpoint") -> SD3LitModule:
     """A training checkpoint's module with its weights (EMA included), in eval mode, on the CPU:
     what sampling and evaluation from a finished run start from."""
     module = SD3LitModule(checkpoint.config)
-    state = {"state_dict": dict(checkpoint.state_dict)}
+    state = {"state_dict": dict(checkpoint.state_dict), **checkpoint.extra}
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"])
     return module.eval()

@@ -1,0 +1,149 @@
+"""LoRA weights of the MM-DiT in the layouts other tools load, and back.
+
+Ours (`sd3train.model.adapters.adapter_state_dict`): `joint_blocks.0.x_block.attn.qkv.lora_A.weight`
+(rank x in) and `.lora_B.weight` (out x rank) per adapted module, scaled by alpha / rank.
+
+kohya sd-scripts / ComfyUI: the module name with dots as underscores under `lora_unet_`,
+`lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha`
+(a 0-dim tensor); ComfyUI applies up @ down x alpha / rank. Our MM-DiT uses Stability's module
+names, so the mapping is one to one.
+
+diffusers (`StableDiffusion3Pipeline.load_lora_weights`): `transformer.<diffusers module>.lora_A.weight`
+and `.lora_B.weight`, with the module names of `SD3Transformer2DModel`. The fused qkv becomes q, k
+and v: B splits by rows, A is shared, which is exact. diffusers reads no alpha from these keys
+(scale 1), so alpha / rank is folded into B. The last block's pre-only text modulation orders its
+output rows (scale, shift) where ours are (shift, scale): B's halves swap.
+
+    write = lora_to_kohya(adapter, alpha=16.0)
+    adapter, alpha = lora_from_kohya(write, module_names)
+    lora_to_diffusers(adapter, alpha=16.0, rank=16, num_layers=24, dual_attention_layers=set())
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+
+from sd3train.checkpoint.mmdit_diffusers import _swap_halves, linear_module_names
+
+KOHYA_PREFIX = "lora_unet_"
+DIFFUSERS_PREFIX = "transformer."
+_OURS = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
+
+
+def lora_modules(adapter: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A, B) of a plain LoRA state dict in our names; anything else is an error (DoRA's
+    magnitudes, LoHa's and LoKr's factors have no place in these layouts)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in adapter.items():
+        match = _OURS.match(key)
+        if match is None:
+            raise ValueError(f"{key}: only plain LoRA (A and B) exports to the kohya and diffusers layouts; "
+                             "merge other adapter kinds into the base instead (merge=true)")
+        parts.setdefault(match.group("module"), {})[match.group("part")] = value
+    incomplete = sorted(module for module, found in parts.items() if set(found) != {"A", "B"})
+    if incomplete:
+        raise ValueError(f"LoRA modules without both A and B: {incomplete[:10]}")
+    return {module: (found["A"], found["B"]) for module, found in parts.items()}
+
+
+def kohya_module_name(module: str) -> str:
+    return KOHYA_PREFIX + module.replace(".", "_")
+
+
+def lora_to_kohya(adapter: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, (down, up) in lora_modules(adapter).items():
+        name = kohya_module_name(module)
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def lora_from_kohya(state: dict[str, torch.Tensor], module_names: Iterable[str],
+                    alpha: float | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """A kohya/ComfyUI LoRA in our names, for a model whose linear modules are `module_names`;
+    returns (adapter, alpha). Per-module alphas other than `alpha` (default: the first module's)
+    are folded into B, so one alpha serves the whole adapter exactly as the file specified."""
+    by_kohya = {kohya_module_name(name): name for name in module_names}
+    adapter: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key in state:
+        name, _, suffix = key.partition(".")
+        if name not in by_kohya:
+            unknown.append(key)
+            continue
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"kohya LoRA keys that name no module of this MM-DiT: {sorted(unknown)[:10]}")
+    names = sorted({key.partition(".")[0] for key in state})
+    for name in names:
+        down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
+        rank = down.shape[0]
+        module_alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(rank)
+        if alpha is None:
+            alpha = module_alpha
+        scale = module_alpha / alpha  # both over the same rank
+        adapter[f"{by_kohya[name]}.lora_A.weight"] = down
+        adapter[f"{by_kohya[name]}.lora_B.weight"] = up if scale == 1.0 else up * scale
+    return adapter, float(alpha if alpha is not None else 1.0)
+
+
+def lora_to_diffusers(adapter: dict[str, torch.Tensor], alpha: float, rank: int, num_layers: int,
+                      dual_attention_layers: Iterable[int] = ()) -> dict[str, torch.Tensor]:
+    renamed, split = linear_module_names(num_layers, set(dual_attention_layers))
+    scale = alpha / rank
+    out = {}
+    for module, (down, up) in lora_modules(adapter).items():
+        up = up * scale
+        if module in split:
+            for name, rows in zip(split[module], up.chunk(3, dim=0)):  # q, k, v output rows
+                out[f"{DIFFUSERS_PREFIX}{name}.lora_A.weight"] = down.clone()
+                out[f"{DIFFUSERS_PREFIX}{name}.lora_B.weight"] = rows.contiguous()
+        elif module in renamed:
+            name, swap = renamed[module]
+            out[f"{DIFFUSERS_PREFIX}{name}.lora_A.weight"] = down.contiguous()
+            out[f"{DIFFUSERS_PREFIX}{name}.lora_B.weight"] = (_swap_halves(up) if swap else up).contiguous()
+        else:
+            raise KeyError(f"{module}: no diffusers counterpart for this adapted module")
+    return out
+
+
+def lora_from_diffusers(state: dict[str, torch.Tensor], alpha: float, rank: int, num_layers: int,
+                        dual_attention_layers: Iterable[int] = ()) -> dict[str, torch.Tensor]:
+    """A diffusers-layout SD3 LoRA (scale 1) in our names, for an adapter of `rank` and `alpha`.
+    q, k and v adapters that share A (ours always do) become one qkv adapter of that rank; others
+    are refused (their fused form would need rank 3r)."""
+    renamed, split = linear_module_names(num_layers, set(dual_attention_layers))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = re.match(rf"^{re.escape(DIFFUSERS_PREFIX)}(?P<module>.+)\.lora_(?P<part>A|B)\.weight$", key)
+        if match is None:
+            raise KeyError(f"{key}: not a diffusers transformer LoRA key")
+        pairs.setdefault(match.group("module"), {})[match.group("part")] = value
+    unscale = rank / alpha
+    adapter: dict[str, torch.Tensor] = {}
+    for module, names in split.items():
+        if not any(name in pairs for name in names):
+            continue
+        missing = [name for name in names if name not in pairs]
+        if missing:
+            raise KeyError(f"{module}: the diffusers LoRA adapts some of q, k, v but not {missing}")
+        downs = [pairs[name]["A"] for name in names]
+        if not all(torch.equal(downs[0], down) for down in downs[1:]):
+            raise ValueError(f"{module}: q, k and v adapters with different A cannot be one rank-{rank} qkv adapter")
+        adapter[f"{module}.lora_A.weight"] = downs[0]
+        adapter[f"{module}.lora_B.weight"] = torch.cat([pairs.pop(name)["B"] for name in names], dim=0) * unscale
+    for module, (name, swap) in renamed.items():
+        if name in pairs:
+            found = pairs.pop(name)
+            up = found["B"] * unscale
+            adapter[f"{module}.lora_A.weight"] = found["A"]
+            adapter[f"{module}.lora_B.weight"] = _swap_halves(up) if swap else up
+    if pairs:
+        raise KeyError(f"diffusers LoRA modules with no counterpart in this MM-DiT: {sorted(pairs)[:10]}")
+    return adapter
