@@ -147,3 +147,28 @@ def lora_from_diffusers(state: dict[str, torch.Tensor], alpha: float, rank: int,
     if pairs:
         raise KeyError(f"diffusers LoRA modules with no counterpart in this MM-DiT: {sorted(pairs)[:10]}")
     return adapter
+
+
+def read_lora_file(path, module_names: Iterable[str], alpha: float, rank: int, num_layers: int,
+                   dual_attention_layers: Iterable[int] = ()) -> dict[str, torch.Tensor]:
+    """A LoRA .safetensors in the kohya or diffusers layout (told apart by its keys), as adapter
+    weights in our names for an adapter of `rank` and `alpha`."""
+    from pathlib import Path
+
+    from sd3train.checkpoint.errors import CheckpointError
+    from sd3train.checkpoint.files import read_safetensors
+
+    state = read_safetensors(Path(path), dtype=torch.float32)
+    try:
+        if all(key.startswith(KOHYA_PREFIX) for key in state):
+            adapter, _ = lora_from_kohya(state, module_names, alpha=alpha)
+        elif all(key.startswith(DIFFUSERS_PREFIX) for key in state):
+            adapter = lora_from_diffusers(state, alpha, rank, num_layers, dual_attention_layers)
+        else:
+            raise KeyError("neither the kohya (lora_unet_*) nor the diffusers (transformer.*) layout")
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"model.adapter_weights={path}: {error}") from error
+    ranks = {value.shape[0] for key, value in adapter.items() if key.endswith(".lora_A.weight")}
+    if ranks - {rank}:
+        raise CheckpointError(f"model.adapter_weights={path}: rank {sorted(ranks)}, the config's adapter.rank is {rank}")
+    return adapter

@@ -60,6 +60,9 @@ class ModelConfig:
     # Weights to start from: a Stability single file, a diffusers pipeline or transformer folder, or
     # an sd3train .ckpt (its EMA weights); they must be the architecture above. None: SD3's random init.
     weights: Optional[str] = None
+    # A LoRA to start the adapter from (adapter=lora): a .safetensors in the diffusers or kohya layout
+    # (what sd3train-export writes), to continue training it or to sample with it.
+    adapter_weights: Optional[str] = None
 
 
 @dataclass

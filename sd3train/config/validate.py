@@ -126,6 +126,8 @@ def adapter_problems(cfg: TrainConfig) -> list[str]:
     if adapter.kind not in ADAPTER_KINDS:
         return [f"adapter.kind: {adapter.kind!r} is not one of {', '.join(ADAPTER_KINDS)}"]
     if adapter.kind == "none":
+        if cfg.model.adapter_weights is not None:
+            return ["model.adapter_weights: loads a LoRA into an adapter; set adapter=lora"]
         return []
     problems = []
     if cfg.model.weights is None:
@@ -150,6 +152,8 @@ def adapter_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"adapter: runs under strategy ddp for now (strategy.name is {cfg.strategy.name})")
     if cfg.model.float8 != "none":
         problems.append("adapter: float8 matmuls apply to full finetuning; set model.float8=none")
+    if cfg.model.adapter_weights is not None and adapter.kind != "lora":
+        problems.append(f"model.adapter_weights: a LoRA file loads into adapter=lora, not {adapter.kind}")
     return problems
 
 
@@ -272,6 +276,7 @@ def weight_paths(cfg: TrainConfig) -> dict[str, Optional[str]]:
     return {
         "paths.pretrained": cfg.paths.pretrained,
         "model.weights": cfg.model.weights,
+        "model.adapter_weights": cfg.model.adapter_weights,
         "vae.weights": cfg.vae.weights,
         "text.weights": text.weights,
         "text.clip_l_weights": text.clip_l_weights,

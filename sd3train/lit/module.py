@@ -21,6 +21,7 @@ from sd3train.checkpoint.components import (
     vae_from_config,
     weight_sources,
 )
+from sd3train.checkpoint.lora_formats import read_lora_file
 from sd3train.config.schema import TrainConfig
 from sd3train.config.typed import to_plain
 from sd3train.data.cache_format import TEXT_OUTPUTS
@@ -31,14 +32,14 @@ from sd3train.lit.latent_cache import LatentMomentCache
 from sd3train.lit.loggers import wandb_run_id
 from sd3train.lit.nonfinite import NonFiniteGuard, SkippableAdamW
 from sd3train.lit.prompts import CPUTextConditioner
+from sd3train.model.adapters import apply_adapter_config, is_adapter_key, load_adapter_state_dict, weights_digest
 from sd3train.model.compile import compile_blocks, compile_enabled
-from sd3train.model.adapters import apply_adapter_config, is_adapter_key, weights_digest
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.float8 import convert_blocks_to_float8
 from sd3train.model.mmdit import MMDiT
 from sd3train.model.sharding import is_sharded, shard_mmdit
 from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner
-from sd3train.paths import run_dir_of
+from sd3train.paths import resolve_repo_path, run_dir_of
 from sd3train.runtime.lr_schedule import lr_factor
 from sd3train.runtime.rng import derive_seed, step_generator
 
@@ -58,6 +59,10 @@ class SD3LitModule(L.LightningModule):
         if cfg.adapter.kind != "none":
             self.base_digest = weights_digest(self.mmdit.state_dict())
             apply_adapter_config(self.mmdit, cfg.adapter)  # the base is frozen from here on
+            if cfg.model.adapter_weights is not None:
+                load_adapter_state_dict(self.mmdit, read_lora_file(
+                    resolve_repo_path(cfg.model.adapter_weights), [name for name, _ in self.mmdit.named_modules()],
+                    cfg.adapter.alpha, cfg.adapter.rank, cfg.model.depth, cfg.model.dual_attention_layers))
             base_dtype = resolve_frozen_dtype(cfg)
             for parameter in self.mmdit.parameters():
                 if not parameter.requires_grad:  # held in the training dtype: no fp32 master copy

@@ -1,4 +1,4 @@
-"""Bitwise-exact resume under ZeRO-2, ZeRO-3 and FSDP2 on two CPU processes: N steps straight vs k steps,
+"""Bitwise-exact resume under ZeRO-2, ZeRO-3, FSDP2 and of a LoRA run (DDP) on two CPU processes: N steps straight vs k steps,
 SIGKILL, resume to N. Per-step losses and final weights (MM-DiT and EMA) are identical; a resume that
 draws from other random streams (the negative control) is not."""
 
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from sd3train.checkpoint.files import read_lightning_checkpoint
+from tests.support.checkpoints import write_training_checkpoint
 from tests.support.processes import BIN, finish, launch
 
 STEPS, KILL_AFTER = 6, 4
@@ -57,13 +58,23 @@ def kill_after_checkpoint(process: subprocess.Popen, cwd: Path, step: int) -> No
     process.communicate()
 
 
-@pytest.mark.parametrize("strategy", ["zero2", pytest.param("zero3", marks=pytest.mark.slow), "fsdp"])
+def lora_on_a_base(tmp_path: Path) -> list[str]:
+    """Overrides for a LoRA run on a depth-2 base checkpoint written into `tmp_path`."""
+    (tmp_path / "base").mkdir()
+    base = write_training_checkpoint(tmp_path / "base")
+    return ["model.depth=2", f"model.weights={base}", "adapter=lora", "adapter.rank=4", "adapter.targets=[attention,mlp]"]
+
+
+@pytest.mark.parametrize("strategy", ["zero2", pytest.param("zero3", marks=pytest.mark.slow), "fsdp",
+                                      pytest.param("lora", marks=pytest.mark.slow)])  # each about 50 s
 def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(small_shapes, tmp_path, strategy):
     straight, resumed, control = tmp_path / "straight", tmp_path / "resumed", tmp_path / "control"
     for folder in (straight, resumed):
         folder.mkdir()
-    finish(start(small_shapes, straight, strategy))
-    kill_after_checkpoint(start(small_shapes, resumed, strategy), resumed, KILL_AFTER)
+    extra = lora_on_a_base(tmp_path) if strategy == "lora" else []
+    strategy = "ddp" if strategy == "lora" else strategy  # LoRA: two DDP ranks, only the adapter trains
+    finish(start(small_shapes, straight, strategy, *extra))
+    kill_after_checkpoint(start(small_shapes, resumed, strategy, *extra), resumed, KILL_AFTER)
     shutil.copytree(resumed, control, symlinks=True)
     # The killed run may have gone past step 4; resume=auto takes the newest complete checkpoint.
     for folder in (resumed, control):
@@ -72,9 +83,9 @@ def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(small_shapes, t
                 shutil.rmtree(path)
         (run_dir(folder) / "checkpoints" / "last").unlink(missing_ok=True)
         (run_dir(folder) / "checkpoints" / "last").symlink_to(f"step-{KILL_AFTER:07d}")
-    output = finish(start(small_shapes, resumed, strategy))
+    output = finish(start(small_shapes, resumed, strategy, *extra))
     assert f"step-{KILL_AFTER:07d}" in output  # it resumed, from the checkpoint before the kill
-    finish(start(small_shapes, control, strategy, "trainer.callbacks=[tests.support.faults.ReseedOnResume]"))
+    finish(start(small_shapes, control, strategy, *extra, "trainer.callbacks=[tests.support.faults.ReseedOnResume]"))
 
     reference = losses(straight)
     assert sorted(reference) == list(range(STEPS))
