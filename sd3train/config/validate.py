@@ -148,8 +148,8 @@ def adapter_problems(cfg: TrainConfig) -> list[str]:
     for index in adapter.blocks or []:
         if not 0 <= index < cfg.model.depth:
             problems.append(f"adapter.blocks: {index} is not a joint block of a depth-{cfg.model.depth} model")
-    if cfg.strategy.name != "ddp":
-        problems.append(f"adapter: runs under strategy ddp for now (strategy.name is {cfg.strategy.name})")
+    if cfg.strategy.name not in ("ddp", "fsdp"):
+        problems.append(f"adapter: runs under strategy ddp or fsdp (strategy.name is {cfg.strategy.name})")
     if cfg.model.float8 != "none":
         problems.append("adapter: float8 matmuls apply to full finetuning; set model.float8=none")
     if cfg.model.adapter_weights is not None and adapter.kind != "lora":

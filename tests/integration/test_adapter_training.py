@@ -150,3 +150,32 @@ def test_an_exported_lora_loads_back_as_the_adapter_to_start_from(run, small_sha
         assert torch.equal(got, want)  # the same tensors
     else:  # alpha / rank folded into B and out again: rounding only
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow  # about 40 s: two 2-process runs
+def test_lora_under_fsdp_trains_as_under_ddp(small_shapes, tmp_path):
+    from tests.support.processes import BIN, finish, launch
+
+    (tmp_path / "base").mkdir()
+    base = write_training_checkpoint(tmp_path / "base")
+    runs = {}
+    for strategy in ("fsdp", "ddp"):
+        cwd = tmp_path / strategy
+        cwd.mkdir()
+        finish(launch([str(BIN / "sd3train-train"), "experiment=tiny_cpu", f"strategy={strategy}", "trainer.devices=2",
+                       "model.depth=2", f"model.weights={base}", *ADAPTER, "trainer.precision=bf16-mixed",
+                       "data.batch_size=4", "data.num_workers=0", "data.val_shards=null", "eval.prompts=[]",
+                       "eval.samples_per_caption=0", "logger.wandb=false", "trainer.progress_bar=false",
+                       "trainer.log_every_n_steps=1", "trainer.max_steps=4",
+                       f"data.shards='{small_shapes}/train-{{000000..000003}}.tar'"], cwd))
+        runs[strategy] = cwd / "runs" / "tiny_cpu" / "main"
+    losses = {}
+    for strategy, run_dir in runs.items():
+        with open(run_dir / "metrics.csv", newline="") as handle:
+            losses[strategy] = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert len(losses["fsdp"]) == 4 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-3)
+    fsdp, ddp = (read_lightning_checkpoint(run_dir / "checkpoints" / "last")["state_dict"] for run_dir in runs.values())
+    adapter = [key for key in ddp if key.startswith(("mmdit.", "ema.shadow."))]
+    assert adapter and all(".lora_" in key for key in adapter) and set(adapter) <= set(fsdp)
+    for key in adapter:
+        torch.testing.assert_close(fsdp[key].float(), ddp[key].float(), rtol=1e-2, atol=1e-4)

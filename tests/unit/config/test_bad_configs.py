@@ -32,7 +32,7 @@ BAD = [
     (["adapter=loha", "adapter.init=pissa"], ["adapter.init: 'pissa' is not one of default for loha"]),
     (["adapter.kind=qlora"], ["adapter.kind: 'qlora' is not one of none, lora, dora, loha, lokr"]),
     (["adapter=lora", "adapter.blocks=[0,7]"], ["adapter.blocks: 7 is not a joint block of a depth-4 model"]),
-    (["adapter=lora", "strategy=zero2"], ["adapter: runs under strategy ddp for now (strategy.name is deepspeed)"]),
+    (["adapter=lora", "strategy=zero2"], ["adapter: runs under strategy ddp or fsdp (strategy.name is deepspeed)"]),
     (["model.float8=e5m2"], ["model.float8: 'e5m2' is not one of none, tensorwise, rowwise"]),
     (["strategy=zero2", "model.float8=tensorwise"], ["model.float8: float8 training needs strategy ddp or fsdp"]),
     (["data.resolution=100"], ["data.resolution=100 is not a multiple of 16"]),
