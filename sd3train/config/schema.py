@@ -185,6 +185,14 @@ class DataConfig:
     # Local paths (relative ones from the repo root), brace ranges ('out/{00000..00009}.tar'),
     # '::'-separated lists, and webdataset 'pipe:' urls ('pipe:aws s3 cp s3://bucket/a.tar -').
     shards: str = "data/shapes/train-{000000..000007}.tar"
+    # An image folder read in place instead of shards (data=folder; sd3train/data/folder.py): images
+    # with sidecar captions (.txt), synthetic captions (.syn.txt) and masks (.mask.png, or PNG alpha).
+    path: Optional[str] = None
+    instance_prompt: Optional[str] = None  # the caption of every image without a .txt
+    repeats: int = 1  # passes over the folder per epoch
+    # Train with each sample's mask (its .mask.png or PNG alpha; none: the whole image) weighting
+    # the loss, normalised by the masked area.
+    masked_loss: bool = False
     # A weighted mix of shard sets; when set it replaces `shards` and shards are drawn with
     # replacement by weight (every epoch is `shards_per_epoch` draws per worker).
     sources: list[ShardSourceConfig] = field(default_factory=list)

@@ -27,6 +27,7 @@ def data_problems(cfg: TrainConfig, multiple: int) -> list[str]:
             problems.append(f"data.sources[{index}].shards: is empty")
     if data.aspect_buckets:
         problems.extend(_bucket_problems(cfg, multiple))
+    problems.extend(_folder_problems(cfg))
     per_visit = [name for name in ("random_crop", "random_flip") if getattr(data, name)]
     # data.cache_latents is ignored with data.cached (the latents are precomputed already).
     if data.cache_latents and per_visit and not data.cached:
@@ -94,3 +95,25 @@ def _bucket_problems(cfg: TrainConfig, multiple: int) -> list[str]:
         return [f"data.aspect_buckets: the longest bucket side {longest} gives {longest // multiple} patches, more "
                 f"than model.pos_embed_max_size={model.pos_embed_max_size}; lower data.max_aspect_ratio"]
     return []
+
+
+def _folder_problems(cfg: TrainConfig) -> list[str]:
+    """data=folder (data.path) and the masked loss."""
+    from sd3train.paths import resolve_repo_path
+
+    data, problems = cfg.data, []
+    if data.repeats < 1:
+        problems.append(f"data.repeats: must be >= 1, got {data.repeats}")
+    if data.path is not None:
+        if not resolve_repo_path(data.path).is_dir():
+            problems.append(f"data.path: {data.path} is not a folder")
+        if data.sources:
+            problems.append("data.path: an image folder replaces the shards; data.sources must be empty")
+        if data.cached:
+            problems.append("data.path: an image folder is read as images; data.cached needs precompute shards")
+    elif data.repeats != 1:
+        problems.append("data.repeats: repeats an image folder (data.path); shards repeat by epochs")
+    if data.masked_loss and data.cached:
+        problems.append("data.masked_loss: the precompute cache holds no masks; train on images (data.cached=false)")
+    return problems
+

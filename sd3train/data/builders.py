@@ -12,7 +12,9 @@ from sd3train.data.buckets import make_buckets, square_bucket
 from sd3train.data.caption_tables import SYNTHETIC_FIELD, SyntheticCaptions
 from sd3train.data.captions import CaptionField
 from sd3train.data.decoders import ImageDecoder, parse_extensions
+from sd3train.data.folder import folder_shard_urls
 from sd3train.data.sources import ShardPlan, Source, resolve_shard_urls
+from sd3train.paths import resolve_repo_path
 
 if TYPE_CHECKING:
     from sd3train.config.schema import DataConfig
@@ -46,6 +48,8 @@ def build_decoder(cfg: DataConfig, seed: int, train: bool = True):
         min_size=cfg.min_size,
         random_crop=cfg.random_crop and train,
         random_flip=cfg.random_flip and train,
+        instance_prompt=cfg.instance_prompt,
+        masks=cfg.masked_loss,
     )
 
 
@@ -55,7 +59,9 @@ def build_captions(cfg: DataConfig) -> Optional[SyntheticCaptions]:
 
 
 def build_plan(cfg: DataConfig, seed: int) -> ShardPlan:
-    if cfg.sources:
+    if cfg.path is not None:
+        sources = [Source(tuple(folder_shard_urls(resolve_repo_path(cfg.path), cfg.repeats)))]
+    elif cfg.sources:
         sources = [Source(tuple(resolve_shard_urls(s.shards)), s.weight) for s in cfg.sources]
     else:
         sources = [Source(tuple(resolve_shard_urls(cfg.shards)))]

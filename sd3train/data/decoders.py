@@ -59,6 +59,16 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return tensor.to(torch.float32) / 127.5 - 1.0
 
 
+def _mask_of(raw: RawSample, image: Image.Image) -> Image.Image:
+    """A sample's loss mask as an 8-bit image of the image's size: its "mask.png" field, else the
+    image's alpha channel, else all ones (255)."""
+    if "mask.png" in raw.fields:
+        return Image.open(io.BytesIO(raw.fields["mask.png"])).convert("L").resize(image.size)
+    if "A" in image.getbands():
+        return image.getchannel("A")
+    return Image.new("L", image.size, 255)
+
+
 @dataclass(frozen=True)
 class ImageDecoder:
     """Image + caption samples (the img2dataset layout) -> bucketed image tensors in [-1, 1]."""
@@ -72,6 +82,11 @@ class ImageDecoder:
     min_size: int = 0
     random_crop: bool = False
     random_flip: bool = False
+    instance_prompt: Optional[str] = None  # the caption of samples without one (image folders)
+    masks: bool = False  # add "masks" (1, h, w) in [0, 1]: the "mask.png" field, else PNG alpha, else ones
+
+    def _caption(self, raw: RawSample) -> Optional[str]:
+        return self.caption.read(raw.fields) or self.instance_prompt
 
     def _image_extension(self, raw: RawSample) -> Optional[str]:
         return next((extension for extension in self.image_extensions if extension in raw.fields), None)
@@ -80,7 +95,7 @@ class ImageDecoder:
         extension = self._image_extension(raw)
         if extension is None:
             return Skip(NO_IMAGE, f"no field in {list(self.image_extensions)} (has {sorted(raw.fields)})")
-        if self.caption.read(raw.fields) is None:
+        if self._caption(raw) is None:
             return Skip(NO_CAPTION, f"no caption {self.caption}")
         try:
             width, height = Image.open(io.BytesIO(raw.fields[extension])).size  # header only
@@ -92,7 +107,7 @@ class ImageDecoder:
 
     def choose_caption(self, raw: RawSample, epoch: int) -> tuple[str, bool]:
         """(caption, is_synthetic) for this epoch's visit of the sample."""
-        original = self.caption.read(raw.fields) or ""
+        original = self._caption(raw) or ""
         if self.synthetic is None or not use_synthetic(self.seed, raw.key, epoch, self.p_synthetic):
             return original, False
         synthetic = self.synthetic.read(raw.fields)
@@ -109,6 +124,7 @@ class ImageDecoder:
                 # Let libjpeg downscale by a power of two while still covering the bucket: several
                 # times cheaper for big photos.
                 image.draft("RGB", (bucket.width, bucket.height))
+            mask = _mask_of(raw, image) if self.masks else None  # at the (drafted) image's size
             image = image.convert("RGB") if image.mode != "RGB" else image
             offset = None
             if self.random_crop:
@@ -118,6 +134,13 @@ class ImageDecoder:
             if flipped:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             pixels = image_to_tensor(image)  # (3, h, w)
+            tensors = {}
+            if self.masks:
+                # The same crop and flip as the image; (1, h, w) in [0, 1].
+                mask, _ = cover_crop(mask, bucket, offset)
+                if flipped:
+                    mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                tensors["masks"] = torch.from_numpy(np.array(mask, dtype=np.float32) / 255.0)[None]
         except Exception as error:
             return Skip(DECODE_ERROR, f"{type(error).__name__}: {error}")
         caption, synthetic = self.choose_caption(raw, epoch)
@@ -129,6 +152,7 @@ class ImageDecoder:
                 "images": pixels,
                 "original_sizes": torch.tensor([original_height, original_width]),
                 "crop_offsets": torch.tensor([top, left]),
+                **tensors,
             },
             values={"captions": caption, "synthetic_captions": synthetic, "flipped": flipped},
         )

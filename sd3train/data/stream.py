@@ -39,6 +39,8 @@ from typing import Any, Optional
 
 from sd3train.data.caption_tables import SyntheticCaptions
 from sd3train.data.decoders import Decoded, Skip, collate
+from sd3train.data.folder import SCHEME as FOLDER_SCHEME
+from sd3train.data.folder import read_folder_chunk
 from sd3train.data.skips import BLOCKLISTED, DECODE_ERROR, NOT_BAD, TRUNCATED_SHARD, UNREADABLE_SHARD, log_skip
 from sd3train.data.sources import ShardPlan
 from sd3train.data.tar_reader import RawSample, ShardProblem, read_shard
@@ -136,7 +138,7 @@ def _raw_samples(spec: StreamSpec, urls: list[str], report: _Report, live: list[
     for url in urls:
         report.shards_opened += 1
         captions = spec.captions.for_shard(url, log=live[0]) if spec.captions is not None else None
-        for item in read_shard(url):
+        for item in read_folder_chunk(url) if url.startswith(FOLDER_SCHEME) else read_shard(url):
             report.read += 1
             if isinstance(item, ShardProblem):
                 log_skip(item.reason, item.url, item.key, item.detail, live[0])

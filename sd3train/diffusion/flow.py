@@ -47,6 +47,18 @@ def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
     return squared.reshape(squared.shape[0], -1).mean(dim=1)  # (B,)
 
 
+def masked_per_sample_mse(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-sample MSE weighted by `mask` (B, 1, H, W) in [0, 1] over (B, C, H, W) latents, normalised
+    by the masked area: elements where the mask is 0 contribute nothing (and get no gradient); an
+    all-ones mask gives `per_sample_mse`. A sample whose mask is all zero contributes 0."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {list(prediction.shape)} and target {list(target.shape)} differ in shape")
+    mask = mask.float()
+    squared = (prediction.float() - target.float()) ** 2 * mask  # (B, C, H, W)
+    area = mask.sum(dim=(1, 2, 3)) * prediction.shape[1]  # (B,): masked elements over every channel
+    return squared.sum(dim=(1, 2, 3)) / area.clamp(min=1e-8)
+
+
 def binned_mean(values: Tensor, t: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
     """Per-timestep-bin sums and counts of `values` (e.g. per-sample losses), both (num_bins,).
 

@@ -25,7 +25,7 @@ from sd3train.checkpoint.lora_formats import read_lora_file
 from sd3train.config.schema import TrainConfig
 from sd3train.config.typed import to_plain
 from sd3train.data.cache_format import TEXT_OUTPUTS
-from sd3train.diffusion.flow import binned_mean, interpolate, per_sample_mse, velocity_target
+from sd3train.diffusion.flow import binned_mean, interpolate, masked_per_sample_mse, per_sample_mse, velocity_target
 from sd3train.diffusion.timesteps import resolution_shift, sample_timesteps
 from sd3train.lit.ema import EMAModel
 from sd3train.lit.latent_cache import LatentMomentCache
@@ -171,10 +171,13 @@ class SD3LitModule(L.LightningModule):
             ids, lambda rows: self.vae.encode_moments(images[rows].to(self.device)), self.device
         )
 
-    def _flow_loss(self, latents, context, pooled, t, noise, pos_offset=None) -> torch.Tensor:
-        """Per-sample rectified-flow MSE between predicted and target velocity."""
+    def _flow_loss(self, latents, context, pooled, t, noise, pos_offset=None, mask=None) -> torch.Tensor:
+        """Per-sample rectified-flow MSE between predicted and target velocity; `mask` (B, 1, h, w)
+        on the latent grid weights it, normalised by the masked area."""
         noisy = interpolate(latents, noise, t)
         prediction = self.mmdit(noisy, t, context, pooled, pos_offset=pos_offset)
+        if mask is not None:
+            return masked_per_sample_mse(prediction.float(), velocity_target(latents, noise), mask)
         return per_sample_mse(prediction.float(), velocity_target(latents, noise))
 
     def _step_stream(self, batch_idx: int) -> str:
@@ -209,7 +212,11 @@ class SD3LitModule(L.LightningModule):
                 latents.shape[0], latents.shape[-2] // patch, latents.shape[-1] // patch,
                 self.mmdit.pos_embed_max_size, generator, region=self.cfg.model.pos_embed_crop_region,
             )
-        losses = self._flow_loss(latents, context, pooled, t, noise, pos_offset)
+        mask = None
+        if "masks" in batch:  # pixel masks (B, 1, H, W) -> the latent grid, by area
+            mask = torch.nn.functional.interpolate(batch["masks"].to(device, torch.float32), size=latents.shape[-2:],
+                                                   mode="area")
+        losses = self._flow_loss(latents, context, pooled, t, noise, pos_offset, mask)
         loss = losses.mean()
         finite = torch.isfinite(loss.detach())
         self.guard.observe_loss(finite)
