@@ -193,6 +193,13 @@ class DataConfig:
     # Train with each sample's mask (its .mask.png or PNG alpha; none: the whole image) weighting
     # the loss, normalised by the masked area.
     masked_loss: bool = False
+    # Prior preservation (with data.path): a folder of images of the class, captioned class_prompt,
+    # mixed into the batches; when it holds fewer than num_class_images, the missing ones are
+    # generated from the base model first (sd3train/lit/class_images.py). Their loss is
+    # train/loss_prior, weighted by optim.prior_loss_weight.
+    class_images: Optional[str] = None
+    class_prompt: Optional[str] = None
+    num_class_images: int = 100
     # A weighted mix of shard sets; when set it replaces `shards` and shards are drawn with
     # replacement by weight (every epoch is `shards_per_epoch` draws per worker).
     sources: list[ShardSourceConfig] = field(default_factory=list)
@@ -255,6 +262,7 @@ class OptimConfig:
     # at trainer.max_steps (sd3train/runtime/lr_schedule.py).
     schedule: str = "constant"
     min_lr_ratio: float = 0.0
+    prior_loss_weight: float = 1.0  # the class images' loss under prior preservation (data.class_images)
 
 
 @dataclass

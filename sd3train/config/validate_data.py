@@ -113,6 +113,17 @@ def _folder_problems(cfg: TrainConfig) -> list[str]:
             problems.append("data.path: an image folder is read as images; data.cached needs precompute shards")
     elif data.repeats != 1:
         problems.append("data.repeats: repeats an image folder (data.path); shards repeat by epochs")
+    if data.class_images is not None:
+        if data.path is None:
+            problems.append("data.class_images: prior preservation mixes class images into an image folder's; "
+                            "set data.path (data=folder)")
+        if not data.class_prompt:
+            problems.append("data.class_images: needs data.class_prompt (the class images' caption)")
+        if data.num_class_images < 1:
+            problems.append(f"data.num_class_images: must be >= 1, got {data.num_class_images}")
+        if cfg.strategy.name != "ddp":
+            problems.append(f"data.class_images: class images are drawn on each rank alone, under strategy ddp "
+                            f"(strategy.name is {cfg.strategy.name})")
     if data.masked_loss and data.cached:
         problems.append("data.masked_loss: the precompute cache holds no masks; train on images (data.cached=false)")
     return problems

@@ -12,7 +12,7 @@ from sd3train.data.buckets import make_buckets, square_bucket
 from sd3train.data.caption_tables import SYNTHETIC_FIELD, SyntheticCaptions
 from sd3train.data.captions import CaptionField
 from sd3train.data.decoders import ImageDecoder, parse_extensions
-from sd3train.data.folder import folder_shard_urls
+from sd3train.data.folder import class_shard_urls, folder_shard_urls
 from sd3train.data.sources import ShardPlan, Source, resolve_shard_urls
 from sd3train.paths import resolve_repo_path
 
@@ -61,6 +61,8 @@ def build_captions(cfg: DataConfig) -> Optional[SyntheticCaptions]:
 def build_plan(cfg: DataConfig, seed: int) -> ShardPlan:
     if cfg.path is not None:
         sources = [Source(tuple(folder_shard_urls(resolve_repo_path(cfg.path), cfg.repeats)))]
+        if cfg.class_images is not None:  # prior preservation: class images mixed in, shard for shard
+            sources.append(Source(tuple(class_shard_urls(resolve_repo_path(cfg.class_images), cfg.num_class_images))))
     elif cfg.sources:
         sources = [Source(tuple(resolve_shard_urls(s.shards)), s.weight) for s in cfg.sources]
     else:

@@ -58,6 +58,24 @@ def folder_shard_urls(path: str | Path, repeats: int = 1, chunks: int | None = N
     return [f"{SCHEME}{root}#{chunk}/{chunks}/{repeat}" for repeat in range(repeats) for chunk in range(chunks)]
 
 
+def class_image_stem(index: int) -> str:
+    """The file stem of generated class image `index` (prior preservation)."""
+    return f"class-{index:05d}"
+
+
+def class_shard_urls(path: str | Path, count: int) -> list[str]:
+    """The virtual shards of a class-image folder that will hold `count` images: fixed by the count,
+    not by what the folder holds yet (its images are generated once training starts)."""
+    root = Path(path).resolve()
+    chunks = max(1, min(count, MAX_CHUNKS))
+    return [f"{SCHEME}{root}#{chunk}/{chunks}/0" for chunk in range(chunks)]
+
+
+def folder_prefix(path: str | Path) -> str:
+    """What the urls of a folder's virtual shards start with (to tell its samples in a batch)."""
+    return f"{SCHEME}{Path(path).resolve()}#"
+
+
 def parse_folder_url(url: str) -> tuple[Path, int, int]:
     """(folder, chunk, chunks) of a virtual shard url."""
     location, _, part = url[len(SCHEME):].rpartition("#")

@@ -25,6 +25,7 @@ from sd3train.checkpoint.lora_formats import read_lora_file
 from sd3train.config.schema import TrainConfig
 from sd3train.config.typed import to_plain
 from sd3train.data.cache_format import TEXT_OUTPUTS
+from sd3train.data.folder import folder_prefix
 from sd3train.diffusion.flow import binned_mean, interpolate, masked_per_sample_mse, per_sample_mse, velocity_target
 from sd3train.diffusion.timesteps import resolution_shift, sample_timesteps
 from sd3train.lit.ema import EMAModel
@@ -89,6 +90,9 @@ class SD3LitModule(L.LightningModule):
         else:
             self.text = text_conditioner_from_config(cfg.text, dtype=frozen_dtype)
         self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
+        # Prior preservation: the class images' samples are told by their url (sd3train/data/folder.py).
+        self.class_prefix = (folder_prefix(resolve_repo_path(cfg.data.class_images))
+                             if cfg.data.class_images is not None else None)
         self.latent_cache = LatentMomentCache(cfg.data.latent_cache_max_samples) if cfg.data.cache_latents else None
         diffusion = cfg.diffusion
         self.train_shift = (
@@ -218,6 +222,18 @@ class SD3LitModule(L.LightningModule):
                                                    mode="area")
         losses = self._flow_loss(latents, context, pooled, t, noise, pos_offset, mask)
         loss = losses.mean()
+        if self.class_prefix is not None:
+            # Prior preservation: the instance samples' mean loss plus the weighted mean of the
+            # class images' (either may be absent from a batch).
+            prior = torch.tensor([url.startswith(self.class_prefix) for url in batch["urls"]],
+                                 dtype=losses.dtype).to(device)
+            # Means by masked sums (an empty part gives 0), with no value read back to the host.
+            instance_loss = (losses * (1 - prior)).sum() / (1 - prior).sum().clamp(min=1)
+            prior_loss = (losses * prior).sum() / prior.sum().clamp(min=1)
+            loss = instance_loss + self.cfg.optim.prior_loss_weight * prior_loss
+            if self._logs_this_step():
+                self.log("train/loss_prior", prior_loss, batch_size=latents.shape[0])
+                self.log("train/loss_instance", instance_loss, batch_size=latents.shape[0])
         finite = torch.isfinite(loss.detach())
         self.guard.observe_loss(finite)
         sums, counts = binned_mean(losses.detach().double(), t, diffusion.num_loss_bins)

@@ -22,6 +22,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from sd3train.config.schema import TrainConfig
 from sd3train.lit.callbacks import DataMetrics, PreviewAndEvaluate, StepProgressBar
 from sd3train.lit.checkpointing import AtomicCheckpoint
+from sd3train.lit.class_images import GenerateClassImages
 from sd3train.lit.denormals import FlushDenormals
 from sd3train.lit.loggers import build_loggers
 from sd3train.lit.preemption import StopOnPreemption
@@ -71,6 +72,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.C
             run_dir, cfg.eval.prompts, cfg.eval.seed, cfg.eval.sample_every_n_steps, cfg.eval.samples_per_caption
         ),
     ]
+    if cfg.data.class_images is not None:  # prior preservation: class images drawn before training
+        callbacks.insert(0, GenerateClassImages(cfg))
     callbacks.append(FlushDenormals())
     if trainer_cfg.progress_bar:
         # Refreshed at logging steps only: reading the loss for it waits for the device.

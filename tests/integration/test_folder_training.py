@@ -101,3 +101,27 @@ def test_the_decoder_gives_masks_from_the_sidecar_and_from_alpha(folder):
     assert decoder.decode(samples["a/000"], 0).tensors["masks"].min() == 1.0  # no mask: all ones
     alpha = decoder.decode(samples["005"], 0).tensors["masks"]
     assert alpha[0, :, :32].min() == 1.0 and alpha[0, :, 32:].max() == 0.0
+
+
+def test_prior_preservation_draws_the_class_images_once_and_logs_their_loss(folder, small_shapes, tmp_path):
+    classes = tmp_path / "class"
+    common = ["data=folder", f"data.path={folder}", f"data.class_images={classes}", "data.class_prompt='a shape'",
+              "data.num_class_images=4", "optim.prior_loss_weight=0.5", "diffusion.sampler.num_steps=2",
+              "data.batch_size=8", "model.depth=1", "eval.prompts=[]", "eval.samples_per_caption=0",
+              "logger.wandb=false", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
+              "data.val_shards=null", "data.instance_prompt='a shape'"]
+    cfg = tiny_config(small_shapes, tmp_path / "runs", *common, "trainer.max_steps=3")
+    fit(cfg)
+    images = sorted(classes.glob("class-*.png"))
+    assert [path.name for path in images] == [f"class-{index:05d}.png" for index in range(4)]
+    assert all(path.with_suffix(".txt").read_text() == "a shape" for path in images)
+    stamps = [path.stat().st_mtime_ns for path in images]
+    with open(run_dir_of(cfg) / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    for row in rows:  # the step's loss: the instance samples' plus 0.5 x the class images'
+        expected = float(row["train/loss_instance"]) + 0.5 * float(row["train/loss_prior"])
+        assert float(row["train/loss"]) == pytest.approx(expected, rel=1e-5)
+    assert any(float(row["train/loss_prior"]) > 0 for row in rows)  # class images were in the batches
+    # A second run (here: the resumed one) finds them all and draws none again.
+    fit(tiny_config(small_shapes, tmp_path / "runs", *common, "trainer.max_steps=4"))
+    assert [path.stat().st_mtime_ns for path in images] == stamps
