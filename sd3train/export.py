@@ -62,13 +62,13 @@ def checkpoint_shift(path: str | Path) -> float | None:
     return None
 
 
-def adapter_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is a training checkpoint of an adapter run."""
+def training_checkpoint(path: str | Path):
+    """The sd3train training checkpoint at `path`, or None for any other source."""
     from sd3train.checkpoint.formats import LIGHTNING, detect
     from sd3train.checkpoint.training import read_training_checkpoint
 
     source = detect(path)
-    return source.kind == LIGHTNING and read_training_checkpoint(source.path).config.adapter.kind != "none"
+    return read_training_checkpoint(source.path) if source.kind == LIGHTNING else None
 
 
 def export_lora(path: str | Path, format: str, out: Path, dtype) -> Path:
@@ -76,13 +76,10 @@ def export_lora(path: str | Path, format: str, out: Path, dtype) -> Path:
     from sd3train.checkpoint.transformer_loader import adapted_transformer
     from sd3train.checkpoint.errors import CheckpointError
     from sd3train.checkpoint.files import save_safetensors_atomic
-    from sd3train.checkpoint.formats import LIGHTNING, detect
     from sd3train.checkpoint.lora_formats import lora_to_diffusers, lora_to_kohya
-    from sd3train.checkpoint.training import read_training_checkpoint
     from sd3train.model.adapters import adapter_state_dict
 
-    source = detect(path)
-    checkpoint = read_training_checkpoint(source.path) if source.kind == LIGHTNING else None
+    checkpoint = training_checkpoint(path)
     if checkpoint is None or checkpoint.config.adapter.kind != "lora":
         raise CheckpointError(f"format={format}: {path} is not the checkpoint of a run with adapter=lora")
     adapter_cfg, model_cfg = checkpoint.config.adapter, checkpoint.config.model
@@ -112,7 +109,8 @@ def export(args: dict) -> Path:
         raise FileExistsError(f"{out} already exists (pass overwrite=true to replace it)")
     if args["format"] in LORA_FORMATS:
         return export_lora(checkpoint, args["format"], out, dtype)
-    if adapter_checkpoint(checkpoint) and not args.get("merge", False):
+    training = training_checkpoint(checkpoint)
+    if training is not None and training.config.adapter.kind != "none" and not args.get("merge", False):
         raise CheckpointError(f"{checkpoint} is an adapter run's checkpoint: export the adapter with "
                               "format=lora_diffusers or lora_kohya, or pass merge=true to merge it into its base")
     shift = args.get("shift")

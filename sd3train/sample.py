@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     from sd3train.config.typed import ConfigError, build_typed
     from sd3train.config.validate import skip_layer_problems
     from sd3train.inference import decode_to_uint8, generate_latents, write_samples
-    from sd3train.lit.module import restore_module
+    from sd3train.lit.restore import restore_module
 
     try:
         # Its config, with the weights the run started from replaced by the checkpoint's own.

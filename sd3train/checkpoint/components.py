@@ -26,7 +26,7 @@ from sd3train.checkpoint.formats import TEXT_ENCODER_SUBFOLDERS
 from sd3train.checkpoint.tokenizer_files import config_tokenizers, resolve_config_path
 from sd3train.checkpoint.transformer_loader import build_transformer, read_transformer
 from sd3train.checkpoint.vae_loader import build_vae, read_vae, resolve_weights_file
-from sd3train.config.schema import ModelConfig, TextConfig, VAEConfig
+from sd3train.config.schema import AdapterConfig, ModelConfig, TextConfig, VAEConfig
 from sd3train.model.mmdit import MMDiT
 from sd3train.model.text_encoders import (
     ENCODER_NAMES,
@@ -86,6 +86,26 @@ def mmdit_from_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> M
                   "model.weights", cfg.weights)
     model = build_transformer(cfg, state, where, prefix)
     return model.train().requires_grad_(True)
+
+
+def adapted_mmdit_from_config(cfg: ModelConfig, adapter: AdapterConfig, base_dtype: torch.dtype) -> tuple[MMDiT, str]:
+    """The MM-DiT of `cfg` with `adapter`'s adapters on it (started from `cfg.adapter_weights` when set),
+    and the digest of its base weights. The base is frozen and held in `base_dtype` (no fp32 master
+    copy); the adapters stay fp32."""
+    from sd3train.checkpoint.lora_formats import read_lora_file
+    from sd3train.model.adapters import apply_adapter_config, load_adapter_state_dict, weights_digest
+
+    model = mmdit_from_config(cfg)
+    digest = weights_digest(model.state_dict())
+    apply_adapter_config(model, adapter)
+    if cfg.adapter_weights is not None:
+        load_adapter_state_dict(model, read_lora_file(
+            resolve_repo_path(cfg.adapter_weights), [name for name, _ in model.named_modules()],
+            adapter.alpha, adapter.rank, cfg.depth, cfg.dual_attention_layers))
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            parameter.data = parameter.data.to(base_dtype)
+    return model, digest
 
 
 def vae_from_config(cfg: VAEConfig, dtype: torch.dtype = torch.float32) -> VAE:

@@ -70,14 +70,8 @@ def lora_from_kohya(state: dict[str, torch.Tensor], module_names: Iterable[str],
     are folded into B, so one alpha serves the whole adapter exactly as the file specified."""
     by_kohya = {kohya_module_name(name): name for name in module_names}
     adapter: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key in state:
-        name, _, suffix = key.partition(".")
-        if name not in by_kohya:
-            unknown.append(key)
-            continue
-        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            unknown.append(key)
+    unknown = [key for key in state if key.partition(".")[0] not in by_kohya
+               or key.partition(".")[2] not in ("lora_down.weight", "lora_up.weight", "alpha")]
     if unknown:
         raise KeyError(f"kohya LoRA keys that name no module of this MM-DiT: {sorted(unknown)[:10]}")
     names = sorted({key.partition(".")[0] for key in state})
@@ -90,7 +84,7 @@ def lora_from_kohya(state: dict[str, torch.Tensor], module_names: Iterable[str],
         scale = module_alpha / alpha  # both over the same rank
         adapter[f"{by_kohya[name]}.lora_A.weight"] = down
         adapter[f"{by_kohya[name]}.lora_B.weight"] = up if scale == 1.0 else up * scale
-    return adapter, float(alpha if alpha is not None else 1.0)
+    return adapter, float(alpha)
 
 
 def lora_to_diffusers(adapter: dict[str, torch.Tensor], alpha: float, rank: int, num_layers: int,

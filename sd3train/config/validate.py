@@ -8,7 +8,8 @@ from typing import Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sd3train.config.schema import ADAPTER_KINDS, FLOAT8_RECIPES, LORA_INITS, SamplerConfig, TrainConfig
+from sd3train.config.adapter_schema import ADAPTER_KINDS, LORA_INITS
+from sd3train.config.schema import FLOAT8_RECIPES, SamplerConfig, TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
 from sd3train.config.validate_data import data_problems
 from sd3train.config.validate_training import strategy_problems, trainer_problems

@@ -54,7 +54,10 @@ def folder_shard_urls(path: str | Path, repeats: int = 1, chunks: int | None = N
     count = len(folder_images(root))
     if count == 0:
         raise ValueError(f"data.path: {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-    chunks = chunks or min(count, MAX_CHUNKS)
+    return _chunk_urls(root, chunks or min(count, MAX_CHUNKS), repeats)
+
+
+def _chunk_urls(root: Path, chunks: int, repeats: int) -> list[str]:
     return [f"{SCHEME}{root}#{chunk}/{chunks}/{repeat}" for repeat in range(repeats) for chunk in range(chunks)]
 
 
@@ -66,9 +69,7 @@ def class_image_stem(index: int) -> str:
 def class_shard_urls(path: str | Path, count: int) -> list[str]:
     """The virtual shards of a class-image folder that will hold `count` images: fixed by the count,
     not by what the folder holds yet (its images are generated once training starts)."""
-    root = Path(path).resolve()
-    chunks = max(1, min(count, MAX_CHUNKS))
-    return [f"{SCHEME}{root}#{chunk}/{chunks}/0" for chunk in range(chunks)]
+    return _chunk_urls(Path(path).resolve(), max(1, min(count, MAX_CHUNKS)), repeats=1)
 
 
 def folder_prefix(path: str | Path) -> str:

@@ -78,3 +78,13 @@ def binned_mean(values: Tensor, t: Tensor, num_bins: int) -> tuple[Tensor, Tenso
         0, bins, torch.ones_like(values)
     )
     return sums, counts
+
+
+def prior_preservation_loss(losses: Tensor, prior: Tensor, weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, instance mean, prior mean) of per-sample `losses` (B,) where `prior` (B,) in {0, 1} marks
+    the class images: the instance samples' mean plus `weight` times the class images' mean. Means
+    are masked sums (a part absent from the batch gives 0), so nothing is read back to the host."""
+    instance = (losses * (1 - prior)).sum() / (1 - prior).sum().clamp(min=1)
+    prior_mean = (losses * prior).sum() / prior.sum().clamp(min=1)
+    return instance + weight * prior_mean, instance, prior_mean
+

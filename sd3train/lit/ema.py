@@ -29,6 +29,10 @@ class EMAModel(nn.Module):
         self.decay = decay
         self.every_n_steps = every_n_steps
         self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
+        # What does not train (an adapter run's base) is not averaged: the shadow shares it.
+        for shadow, parameter in zip(self.shadow.parameters(), model.parameters()):
+            if not parameter.requires_grad:
+                shadow.data = parameter.data
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def train(self, mode: bool = True) -> "EMAModel":

@@ -9,31 +9,36 @@ handed to the loggers only at logging steps. Logging and checkpoint steps read w
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import lightning as L
 import torch
 
 from sd3train.checkpoint.adapters import check_adapter_base
 from sd3train.checkpoint.components import (
+    adapted_mmdit_from_config,
     mmdit_from_config,
     text_conditioner_from_config,
     vae_from_config,
     weight_sources,
 )
-from sd3train.checkpoint.lora_formats import read_lora_file
 from sd3train.config.schema import TrainConfig
 from sd3train.config.typed import to_plain
 from sd3train.data.cache_format import TEXT_OUTPUTS
 from sd3train.data.folder import folder_prefix
-from sd3train.diffusion.flow import binned_mean, interpolate, masked_per_sample_mse, per_sample_mse, velocity_target
+from sd3train.diffusion.flow import (
+    binned_mean,
+    interpolate,
+    masked_per_sample_mse,
+    per_sample_mse,
+    prior_preservation_loss,
+    velocity_target,
+)
 from sd3train.diffusion.timesteps import resolution_shift, sample_timesteps
 from sd3train.lit.ema import EMAModel
 from sd3train.lit.latent_cache import LatentMomentCache
 from sd3train.lit.loggers import wandb_run_id
 from sd3train.lit.nonfinite import NonFiniteGuard, SkippableAdamW
 from sd3train.lit.prompts import CPUTextConditioner
-from sd3train.model.adapters import apply_adapter_config, is_adapter_key, load_adapter_state_dict, weights_digest
+from sd3train.model.adapters import is_adapter_key
 from sd3train.model.compile import compile_blocks, compile_enabled
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.float8 import convert_blocks_to_float8
@@ -44,9 +49,6 @@ from sd3train.paths import resolve_repo_path, run_dir_of
 from sd3train.runtime.lr_schedule import lr_factor
 from sd3train.runtime.rng import derive_seed, step_generator
 
-if TYPE_CHECKING:
-    from sd3train.checkpoint.training import TrainingCheckpoint
-
 # Validation loss as in SD3: 8 equally spaced t in [0, 1), excluding the pure-noise end t = 1.
 VALIDATION_TIMESTEPS = tuple(k / 8 for k in range(8))
 
@@ -55,26 +57,13 @@ class SD3LitModule(L.LightningModule):
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         self.cfg = cfg
-        self.mmdit = mmdit_from_config(cfg.model)
-        self.base_digest = None  # adapters: which base weights they were trained on
-        if cfg.adapter.kind != "none":
-            self.base_digest = weights_digest(self.mmdit.state_dict())
-            apply_adapter_config(self.mmdit, cfg.adapter)  # the base is frozen from here on
-            if cfg.model.adapter_weights is not None:
-                load_adapter_state_dict(self.mmdit, read_lora_file(
-                    resolve_repo_path(cfg.model.adapter_weights), [name for name, _ in self.mmdit.named_modules()],
-                    cfg.adapter.alpha, cfg.adapter.rank, cfg.model.depth, cfg.model.dual_attention_layers))
-            base_dtype = resolve_frozen_dtype(cfg)
-            for parameter in self.mmdit.parameters():
-                if not parameter.requires_grad:  # held in the training dtype: no fp32 master copy
-                    parameter.data = parameter.data.to(base_dtype)
+        self.base_digest = None  # adapters: the digest of the base weights they train on
+        if cfg.adapter.kind == "none":
+            self.mmdit = mmdit_from_config(cfg.model)
+        else:
+            self.mmdit, self.base_digest = adapted_mmdit_from_config(cfg.model, cfg.adapter, resolve_frozen_dtype(cfg))
         # The EMA copy is taken before float8 and compilation: it averages in plain modules.
         self.ema = EMAModel(self.mmdit, cfg.ema.decay, cfg.ema.every_n_steps) if cfg.ema.enabled else None
-        if self.ema is not None and self.base_digest is not None:
-            # The frozen base is the same in both: the shadow shares it instead of holding a copy.
-            for shadow, parameter in zip(self.ema.shadow.parameters(), self.mmdit.parameters()):
-                if not parameter.requires_grad:
-                    shadow.data = parameter.data
         # torchtitan's order: activation checkpointing (set when built), float8, compile, then
         # sharding (configure_model). Both change modules in place and keep the parameter names.
         convert_blocks_to_float8(self.mmdit, cfg.model.float8)
@@ -111,9 +100,7 @@ class SD3LitModule(L.LightningModule):
         strategy = self.cfg.strategy
         if strategy.name != "fsdp" or is_sharded(self.mmdit):
             return
-        precision = self.cfg.trainer.precision
-        param_dtype = (torch.bfloat16 if precision.startswith("bf16")
-                       else torch.float16 if precision.startswith("16") else None)
+        param_dtype = half_precision_dtype(self.cfg.trainer.precision)
         for model in [self.mmdit] + ([self.ema.shadow] if self.ema is not None else []):
             shard_mmdit(model, self.trainer.strategy.fsdp_mesh, param_dtype=param_dtype,
                         reshard_after_forward=strategy.reshard_after_forward, cpu_offload=strategy.cpu_offload)
@@ -223,14 +210,10 @@ class SD3LitModule(L.LightningModule):
         losses = self._flow_loss(latents, context, pooled, t, noise, pos_offset, mask)
         loss = losses.mean()
         if self.class_prefix is not None:
-            # Prior preservation: the instance samples' mean loss plus the weighted mean of the
-            # class images' (either may be absent from a batch).
+            # Prior preservation: the class images' loss apart, weighted.
             prior = torch.tensor([url.startswith(self.class_prefix) for url in batch["urls"]],
                                  dtype=losses.dtype).to(device)
-            # Means by masked sums (an empty part gives 0), with no value read back to the host.
-            instance_loss = (losses * (1 - prior)).sum() / (1 - prior).sum().clamp(min=1)
-            prior_loss = (losses * prior).sum() / prior.sum().clamp(min=1)
-            loss = instance_loss + self.cfg.optim.prior_loss_weight * prior_loss
+            loss, instance_loss, prior_loss = prior_preservation_loss(losses, prior, self.cfg.optim.prior_loss_weight)
             if self._logs_this_step():
                 self.log("train/loss_prior", prior_loss, batch_size=latents.shape[0])
                 self.log("train/loss_instance", instance_loss, batch_size=latents.shape[0])
@@ -328,10 +311,9 @@ class SD3LitModule(L.LightningModule):
     # ----------------------------------------------------------------- optimizer
     def configure_optimizers(self):
         optim = self.cfg.optim
-        optimizer = SkippableAdamW(
-            [parameter for parameter in self.mmdit.parameters() if parameter.requires_grad], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-            weight_decay=optim.weight_decay,
-        )
+        trained = [parameter for parameter in self.mmdit.parameters() if parameter.requires_grad]  # adapters: theirs
+        optimizer = SkippableAdamW(trained, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                   weight_decay=optim.weight_decay)
         total = self.cfg.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -384,25 +366,20 @@ class SD3LitModule(L.LightningModule):
                 state.setdefault(prefix + key, value)
 
 
-def restore_module(checkpoint: "TrainingCheckpoint") -> SD3LitModule:
-    """A training checkpoint's module with its weights (EMA included), in eval mode, on the CPU:
-    what sampling and evaluation from a finished run start from."""
-    module = SD3LitModule(checkpoint.config)
-    state = {"state_dict": dict(checkpoint.state_dict), **checkpoint.extra}
-    module.on_load_checkpoint(state)
-    module.load_state_dict(state["state_dict"])
-    return module.eval()
-
-
 def resolve_frozen_dtype(cfg: TrainConfig) -> torch.dtype:
     """`trainer.frozen_dtype` as a torch dtype; "auto" follows the training precision (fp32 under
     DeepSpeed, whose ZeRO-3 partitions the frozen parts with the trained ones)."""
     name = cfg.trainer.frozen_dtype
     if name == "auto":
-        precision = cfg.trainer.precision
-        name = ("bf16" if precision.startswith("bf16") else "fp16" if precision.startswith("16") else "fp32")
-        name = "fp32" if cfg.strategy.name == "deepspeed" else name
+        if cfg.strategy.name == "deepspeed":
+            return torch.float32
+        return half_precision_dtype(cfg.trainer.precision) or torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def half_precision_dtype(precision: str) -> torch.dtype | None:
+    """The 16-bit dtype a Lightning precision computes in (bf16-mixed, bf16-true, 16-mixed, ...), or None."""
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
 
 
 def _under_deepspeed(module: L.LightningModule) -> bool:

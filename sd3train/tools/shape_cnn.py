@@ -34,7 +34,7 @@ from sd3train.eval.colour import colour_adherence
 from sd3train.eval.shape import shape_adherence
 from sd3train.inference import decode_to_uint8, generate_latents
 from sd3train.lit.callbacks import evaluation_prompts
-from sd3train.lit.module import restore_module
+from sd3train.lit.restore import restore_module
 from sd3train.tools.make_shapes import VAL_SEED_OFFSET
 
 

@@ -119,7 +119,7 @@ def test_a_merged_export_needs_merge_true(run, tmp_path):
 def test_sampling_restores_the_base_and_the_ema_adapter(run):
     _, _, cfg = run
     from sd3train.checkpoint.transformer_loader import adapted_transformer
-    from sd3train.lit.module import restore_module
+    from sd3train.lit.restore import restore_module
 
     checkpoint = read_training_checkpoint(run_dir_of(cfg) / "checkpoints" / "last")
     module = restore_module(checkpoint)  # what sd3train-sample does
