@@ -21,6 +21,9 @@ An adapter run's LoRA (adapter=lora) exports alone: lora_diffusers loads with
 `StableDiffusion3Pipeline.load_lora_weights(out)` (diffusers module names, the fused qkv split into q,
 k and v, alpha / rank folded into B), lora_kohya in ComfyUI and kohya sd-scripts
 (`lora_unet_joint_blocks_N_..._lora_down/lora_up/alpha`). The EMA adapter is exported when there is one.
+Adapted text encoders (adapter.text_encoders) go in the same file: `text_encoder.` / `text_encoder_2.`
+(diffusers) or `lora_te1_` / `lora_te2_` (kohya) keys; merge=true merges them into the exported
+encoders (single_file then needs text_encoders=true).
 
 The diffusers folder loads with `StableDiffusion3Pipeline.from_pretrained(out)`; sample with
 `max_sequence_length` set to the training T5 length (recorded as tokenizer_3's model_max_length;
@@ -76,7 +79,13 @@ def export_lora(path: str | Path, format: str, out: Path, dtype) -> Path:
     from sd3train.checkpoint.transformer_loader import adapted_transformer
     from sd3train.checkpoint.errors import CheckpointError
     from sd3train.checkpoint.files import save_safetensors_atomic
-    from sd3train.checkpoint.lora_formats import lora_to_diffusers, lora_to_kohya
+    from sd3train.checkpoint.lora_formats import (
+        TEXT_KOHYA_PREFIXES,
+        lora_to_diffusers,
+        lora_to_kohya,
+        text_lora_to_diffusers,
+    )
+    from sd3train.checkpoint.text_adapters import text_adapter_weights
     from sd3train.model.adapters import adapter_state_dict
 
     checkpoint = training_checkpoint(path)
@@ -89,6 +98,11 @@ def export_lora(path: str | Path, format: str, out: Path, dtype) -> Path:
     else:
         tensors = lora_to_diffusers(adapter, adapter_cfg.alpha, adapter_cfg.rank, model_cfg.depth,
                                     model_cfg.dual_attention_layers)
+    for name in adapter_cfg.text_encoders:  # the (EMA) text adapters, straight from the checkpoint
+        text_adapter = text_adapter_weights(checkpoint, name)
+        tensors.update(lora_to_kohya(text_adapter, adapter_cfg.alpha, TEXT_KOHYA_PREFIXES[name])
+                       if format == "lora_kohya" else
+                       text_lora_to_diffusers(text_adapter, name, adapter_cfg.alpha, adapter_cfg.rank))
     tensors = {key: value.to(dtype) if value.is_floating_point() and value.dim() else value
                for key, value in tensors.items()}
     return save_safetensors_atomic(tensors, out, metadata={"format": "pt", "sd3train_layout": format})
@@ -113,6 +127,10 @@ def export(args: dict) -> Path:
     if training is not None and training.config.adapter.kind != "none" and not args.get("merge", False):
         raise CheckpointError(f"{checkpoint} is an adapter run's checkpoint: export the adapter with "
                               "format=lora_diffusers or lora_kohya, or pass merge=true to merge it into its base")
+    if (training is not None and training.config.adapter.text_encoders and args["format"] == "single_file"
+            and not args.get("text_encoders", False)):
+        raise CheckpointError(f"{checkpoint} adapted the text encoders {training.config.adapter.text_encoders}: "
+                              "pass text_encoders=true so the merged file holds them")
     shift = args.get("shift")
     if shift is None:
         shift = checkpoint_shift(checkpoint)

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     device = args.get("device", "cuda" if torch.cuda.is_available() else "cpu")
     module = restore_module(checkpoint).to(device)
     model = module.sampling_model if args.get("ema", True) else module.mmdit
+    text = module.sampling_text if args.get("ema", True) else module.text  # EMA text adapters too
     side = cfg.data.resolution // module.vae.downsample_factor
-    latents = generate_latents(model, module.text, prompts, seeds, (cfg.vae.latent_channels, side, side),
+    latents = generate_latents(model, text, prompts, seeds, (cfg.vae.latent_channels, side, side),
                                cfg.diffusion.sampler)
     images = decode_to_uint8(module.vae, latents)
     out_dir = Path(args["out"]) if "out" in args else default_out_dir(checkpoint_path)

@@ -101,7 +101,7 @@ def adapted_mmdit_from_config(cfg: ModelConfig, adapter: AdapterConfig, base_dty
     if cfg.adapter_weights is not None:
         load_adapter_state_dict(model, read_lora_file(
             resolve_repo_path(cfg.adapter_weights), [name for name, _ in model.named_modules()],
-            adapter.alpha, adapter.rank, cfg.depth, cfg.dual_attention_layers))
+            adapter.alpha, adapter.rank, cfg.depth, cfg.dual_attention_layers, adapter.text_encoders))
     for parameter in model.parameters():
         if not parameter.requires_grad:
             parameter.data = parameter.data.to(base_dtype)
@@ -173,25 +173,51 @@ def _check_loaded_sizes(
         raise ValueError("text encoder weights do not match the text config:\n  " + "\n  ".join(problems))
 
 
-def text_conditioner_from_config(
-    cfg: TextConfig, dtype: torch.dtype = torch.float32, repo_root: Path | None = None
-) -> TextConditioner:
-    """Tokenizers from the config's folders (relative to `repo_root`, default the repository root);
-    each encoder from its `cfg.<name>_weights`, else from `cfg.weights` (a diffusers SD3 pipeline
-    folder or a single file with `text_encoders.*`), else randomly initialised from `cfg.init_seed`.
-    Weights load in any layout `encoder_files.load_text_encoder` reads (OpenCLIP bigG too)."""
-    clip_tokenizer, t5_tokenizer = config_tokenizers(cfg, repo_root)
-    sources = {name: resolve_config_path(path, repo_root) for name, path in weight_sources(cfg).items()}
-    if not sources:
-        return TextConditioner.from_config(cfg, clip_tokenizer, t5_tokenizer, dtype)
-    tokenizers = prompt_tokenizers(cfg, clip_tokenizer, t5_tokenizer)
+def text_encoders_from_config(
+    cfg: TextConfig, names, dtype: torch.dtype = torch.float32, repo_root: Path | None = None
+) -> dict[str, nn.Module]:
+    """The encoders `names` (of clip_l, clip_g, t5) as `text_conditioner_from_config` builds them:
+    each from its `cfg.<name>_weights`, else `cfg.weights`, else randomly initialised from `cfg.init_seed`."""
+    # T5's embedding rows follow its tokenizer; the CLIP encoders need no tokenizer.
+    num_t5_tokens = len(config_tokenizers(cfg, repo_root)[1]) if "t5" in names else 0
+    return _encoders(cfg, names, dtype, repo_root, num_t5_tokens)
+
+
+def _encoders(cfg: TextConfig, names, dtype: torch.dtype, repo_root: Path | None, num_t5_tokens: int) -> dict:
+    sources = {name: resolve_config_path(path, repo_root) for name, path in weight_sources(cfg).items()
+               if name in names}
     if cfg.weights:
         from_pipeline = [name for name in sources if not getattr(cfg, f"{name}_weights")]
         _check_pipeline_folder(resolve_config_path(cfg.weights, repo_root), from_pipeline)
     encoders = {
         name: load_text_encoder(sources[name], name, dtype) if name in sources
-        else random_encoder(cfg, name, len(t5_tokenizer)).to(dtype)
-        for name in ENCODER_NAMES
+        else random_encoder(cfg, name, num_t5_tokens).to(dtype)
+        for name in names
     }
-    _check_loaded_sizes(cfg, encoders, sources, len(t5_tokenizer))
-    return TextConditioner(encoders["clip_l"], encoders["clip_g"], encoders["t5"], tokenizers, configured_dropout(cfg))
+    _check_loaded_sizes(cfg, encoders, sources, num_t5_tokens)
+    return encoders
+
+
+def text_conditioner_from_config(
+    cfg: TextConfig, dtype: torch.dtype = torch.float32, repo_root: Path | None = None,
+    encoders: dict[str, nn.Module] | None = None,
+) -> TextConditioner:
+    """Tokenizers from the config's folders (relative to `repo_root`, default the repository root);
+    each encoder from its `cfg.<name>_weights`, else from `cfg.weights` (a diffusers SD3 pipeline
+    folder or a single file with `text_encoders.*`), else randomly initialised from `cfg.init_seed`.
+    Weights load in any layout `encoder_files.load_text_encoder` reads (OpenCLIP bigG too).
+    `encoders`: ones built already (adapted CLIP encoders), used as they are."""
+    clip_tokenizer, t5_tokenizer = config_tokenizers(cfg, repo_root)
+    given = dict(encoders or {})
+    if not given and not weight_sources(cfg):
+        return TextConditioner.from_config(cfg, clip_tokenizer, t5_tokenizer, dtype)
+    built = _encoders(cfg, [name for name in ENCODER_NAMES if name not in given], dtype, repo_root, len(t5_tokenizer))
+    built.update(given)
+    conditioner = TextConditioner(built["clip_l"], built["clip_g"], built["t5"],
+                                  prompt_tokenizers(cfg, clip_tokenizer, t5_tokenizer), configured_dropout(cfg))
+    if given:
+        from sd3train.model.adapters import train_adapters_only
+
+        for encoder in given.values():  # the conditioner froze them whole: their adapters train
+            train_adapters_only(encoder)
+    return conditioner

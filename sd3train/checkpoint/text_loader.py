@@ -33,7 +33,14 @@ from sd3train.checkpoint.formats import (
     export_metadata,
 )
 from sd3train.checkpoint.tokenizer_files import config_tokenizers, load_clip_tokenizer, load_t5_tokenizer
+from sd3train.checkpoint.text_adapters import (
+    merge_text_adapter,
+    merged_text_encoders,
+    saved_text_base,
+    text_adapter_weights,
+)
 from sd3train.checkpoint.training import read_training_checkpoint
+from sd3train.model.adapters import is_adapter_key, our_name
 from sd3train.model.text_encoders import CLIP_MAX_POSITIONS, TextConditioner
 from sd3train.model.tokenizers import PromptTokenizer
 
@@ -124,14 +131,21 @@ def _from_training(source: Source, dtype, t5_max_length: int | None, t5_tokenize
     if t5_tokenizer is not None:
         # Relative to the working directory, like the path argument (config paths start at the repo root).
         text = dataclasses.replace(text, t5_tokenizer=str(Path(t5_tokenizer).expanduser().resolve()))
-    if not checkpoint.has("text"):  # encoders loaded from the folder the config names, not saved
-        conditioner = text_conditioner_from_config(text, dtype=dtype)
+    adapted = checkpoint.config.adapter.text_encoders  # their (EMA) adapters are merged in
+    if not saved_text_base(checkpoint.state_dict):  # encoders loaded from the folder the config names, not saved
+        merged = merged_text_encoders(checkpoint, dtype) if adapted else None
+        conditioner = text_conditioner_from_config(text, dtype=dtype, encoders=merged)
     else:  # the saved encoders, adopted by a conditioner built on meta
         tokenizers = config_tokenizers(text)  # (CLIP, T5)
         conditioner = on_meta(lambda: TextConditioner.from_config(text, *tokenizers, dtype))
-        state = checkpoint.component("text", dtype)
+        # An adapted encoder's base is saved under peft's names (`q_proj.base_layer.weight`).
+        state = {our_name(key): value for key, value in checkpoint.component("text", dtype).items()
+                 if not is_adapter_key(key)}
         assign_weights(conditioner, state, str(source.path), "text encoder", LIGHTNING_PREFIXES["text"])
         conditioner.t5.tie_weights()
+        for name in adapted:
+            merge_text_adapter(getattr(conditioner, name), checkpoint.config.adapter,
+                               text_adapter_weights(checkpoint, name))
     conditioner.dropout = NO_DROPOUT
     return conditioner
 

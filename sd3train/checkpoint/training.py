@@ -19,6 +19,7 @@ from sd3train.checkpoint.formats import LIGHTNING_PREFIXES
 from sd3train.config.schema import TrainConfig
 from sd3train.config.typed import ConfigError
 from sd3train.config.validate import load_config
+from sd3train.model.adapters import is_adapter_key
 
 
 @dataclass
@@ -78,8 +79,9 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
                   "text": ("weights", "clip_l_weights", "clip_g_weights", "t5_weights")}
     # An adapter run saves its adapter alone: its base still comes from model.weights.
     adapter_run = plain.get("adapter", {}).get("kind", "none") != "none"
-    saved = {"model": not adapter_run, **{section: any(key.startswith(LIGHTNING_PREFIXES[section]) for key in state_dict)
-                               for section in ("vae", "text")}}
+    # Text adapters (adapter.text_encoders) are saved without their base: only frozen weights count.
+    saved = {"model": not adapter_run, **{section: any(key.startswith(LIGHTNING_PREFIXES[section]) and not is_adapter_key(key)
+                                                       for key in state_dict) for section in ("vae", "text")}}
     for section, keys in unweighted.items():
         if saved[section]:
             plain[section] = {**plain.get(section, {}), **{key: None for key in keys}}

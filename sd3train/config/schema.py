@@ -201,6 +201,9 @@ class DataConfig:
     # train/loss_prior, weighted by optim.prior_loss_weight.
     class_images: Optional[str] = None
     class_prompt: Optional[str] = None
+    # Instead of one class_prompt: image i is drawn from (and captioned) class_prompts[i % count],
+    # to preserve many prompts of the base at once (experiment=lora_tiny_cpu: the whole grammar).
+    class_prompts: list[str] = field(default_factory=list)
     num_class_images: int = 100
     # A weighted mix of shard sets; when set it replaces `shards` and shards are drawn with
     # replacement by weight (every epoch is `shards_per_epoch` draws per worker).
@@ -286,6 +289,9 @@ class EvalConfig:
     # >0: at the end, sample every caption of the shapes grammar this many times and log
     # eval/colour_adherence and eval/shape_adherence (seeds from seed + 100000: not the previews').
     samples_per_caption: int = 0
+    # Shapes outside the grammar a finetune teaches (data.shapes.NEW_SHAPES, e.g. [star]): their
+    # captions are sampled too, and scored as eval/concept/<shape> (sd3train/eval/shapes_suite.py).
+    new_shapes: list[str] = field(default_factory=list)
     seed: int = 1_000_000  # seeds from here on are never used by training
     sample_every_n_steps: int = 0  # 0: only at the end
     num_sample_prompts: int = 8

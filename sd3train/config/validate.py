@@ -11,9 +11,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sd3train.config.adapter_schema import ADAPTER_KINDS, LORA_INITS
 from sd3train.config.schema import FLOAT8_RECIPES, SamplerConfig, TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
+from sd3train.config.validate_adapter import text_adapter_problems
 from sd3train.config.validate_data import data_problems
 from sd3train.config.validate_training import strategy_problems, trainer_problems
 from sd3train.data.cache_info import training_cache_problems
+from sd3train.data.shapes import NEW_SHAPES, all_specs
 from sd3train.paths import resolve_repo_path
 from sd3train.runtime.lr_schedule import SCHEDULES
 
@@ -41,6 +43,9 @@ def _required(reason: str, *, _node_) -> None:
 
 if not OmegaConf.has_resolver("required"):
     OmegaConf.register_new_resolver("required", _required)
+# `key: ${shapes_grammar:}`: every caption of the embedded default's grammar (sd3train/data/shapes.py).
+if not OmegaConf.has_resolver("shapes_grammar"):
+    OmegaConf.register_new_resolver("shapes_grammar", lambda: [spec.caption for spec in all_specs()])
 
 
 def _resolution_message(error: BaseException, outer: BaseException | None) -> str:
@@ -232,6 +237,7 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
     problems.extend(skip_layer_problems(diffusion.sampler, model.depth, "diffusion.sampler."))
     problems.extend(model_option_problems(cfg))
     problems.extend(adapter_problems(cfg))
+    problems.extend(text_adapter_problems(cfg))
     problems.extend(data_problems(cfg, multiple))
     problems.extend(strategy_problems(cfg))
     problems.extend(trainer_problems(cfg))
@@ -268,6 +274,10 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
     problems.extend(training_cache_problems(cfg))
     if cfg.eval.samples_per_caption < 0:
         problems.append(f"eval.samples_per_caption: must be >= 0, got {cfg.eval.samples_per_caption}")
+    unknown_shapes = [shape for shape in cfg.eval.new_shapes if shape not in NEW_SHAPES]
+    if unknown_shapes:
+        problems.append(f"eval.new_shapes: {unknown_shapes} are not among the new shapes {list(NEW_SHAPES)} "
+                        "(sd3train/data/shapes.py)")
     return problems
 
 

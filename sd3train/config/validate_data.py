@@ -117,8 +117,9 @@ def _folder_problems(cfg: TrainConfig) -> list[str]:
         if data.path is None:
             problems.append("data.class_images: prior preservation mixes class images into an image folder's; "
                             "set data.path (data=folder)")
-        if not data.class_prompt:
-            problems.append("data.class_images: needs data.class_prompt (the class images' caption)")
+        if bool(data.class_prompt) == bool(data.class_prompts):
+            problems.append("data.class_images: needs data.class_prompt (the class images' caption) or "
+                            "data.class_prompts (theirs in turn), not both")
         if data.num_class_images < 1:
             problems.append(f"data.num_class_images: must be >= 1, got {data.num_class_images}")
         if cfg.strategy.name != "ddp":

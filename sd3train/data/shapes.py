@@ -4,6 +4,9 @@ Every sample is a pure function of (seed, index), so the shards written by
 `python -m sd3train.tools.make_shapes` are identical on every machine.
 
 Caption grammar: "a|an {colour} {shape} on a {background} background".
+
+NEW_SHAPES are drawn and captioned the same way but never appear in the training shards: the
+concepts a finetune teaches (experiment=lora_tiny_cpu, `python -m sd3train.tools.make_concept`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+NEW_SHAPES: tuple[str, ...] = ("star",)
+# A five-pointed star's inner corners at this fraction of its outer radius: concave enough that
+# the tiny VAE's reconstructions stay unmistakably stars (sd3train/eval/shape.py).
+STAR_INNER_RADIUS = 0.45
 
 
 @dataclass(frozen=True)
@@ -43,23 +50,24 @@ class ShapeSpec:
         return f"{article} {self.colour} {self.shape} on a {self.background} background"
 
 
-def all_specs() -> list[ShapeSpec]:
-    """Every caption the grammar can produce, in a fixed order."""
+def all_specs(shapes: tuple[str, ...] = SHAPES) -> list[ShapeSpec]:
+    """Every caption the grammar can produce with `shapes`, in a fixed order."""
     return [
         ShapeSpec(colour, shape, background)
         for colour in SHAPE_COLOURS
-        for shape in SHAPES
+        for shape in shapes
         for background in BACKGROUND_COLOURS
     ]
 
 
-def parse_caption(caption: str) -> ShapeSpec:
-    """Inverse of `ShapeSpec.caption`; raises ValueError naming the caption if it is not in the grammar."""
+def parse_caption(caption: str, shapes: tuple[str, ...] = SHAPES + NEW_SHAPES) -> ShapeSpec:
+    """Inverse of `ShapeSpec.caption`; raises ValueError naming the caption if it is not in the grammar
+    (with `shapes` as its shape words)."""
     words = caption.split()
     if len(words) != 7 or words[0] not in ("a", "an") or words[3:5] != ["on", "a"] or words[6] != "background":
         raise ValueError(f"caption {caption!r} is not in the shapes grammar")
     spec = ShapeSpec(colour=words[1], shape=words[2], background=words[5])
-    if spec.colour not in SHAPE_COLOURS or spec.shape not in SHAPES or spec.background not in BACKGROUND_COLOURS:
+    if spec.colour not in SHAPE_COLOURS or spec.shape not in shapes or spec.background not in BACKGROUND_COLOURS:
         raise ValueError(f"caption {caption!r} names an unknown colour, shape or background")
     return spec
 
@@ -74,22 +82,25 @@ def render(spec: ShapeSpec, size: int, rng: random.Random) -> Image.Image:
     cy = rng.uniform(radius, size - radius)
     if spec.shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
+        return image
+    angle0 = rng.uniform(0.0, 2.0 * math.pi)
+    if spec.shape == "star":  # ten corners, alternately on the outer and the inner circle
+        radii = [radius if i % 2 == 0 else STAR_INNER_RADIUS * radius for i in range(10)]
     else:
-        corners = 4 if spec.shape == "square" else 3
-        angle0 = rng.uniform(0.0, 2.0 * math.pi)
-        points = [
-            (cx + radius * math.cos(angle0 + 2.0 * math.pi * i / corners),
-             cy + radius * math.sin(angle0 + 2.0 * math.pi * i / corners))
-            for i in range(corners)
-        ]
-        draw.polygon(points, fill=colour)
+        radii = [radius] * (4 if spec.shape == "square" else 3)
+    points = [
+        (cx + r * math.cos(angle0 + 2.0 * math.pi * i / len(radii)),
+         cy + r * math.sin(angle0 + 2.0 * math.pi * i / len(radii)))
+        for i, r in enumerate(radii)
+    ]
+    draw.polygon(points, fill=colour)
     return image
 
 
-def make_sample(seed: int, index: int, size: int) -> tuple[Image.Image, str]:
-    """Sample `index` of the dataset with base seed `seed`: (image, caption)."""
+def make_sample(seed: int, index: int, size: int, shapes: tuple[str, ...] = SHAPES) -> tuple[Image.Image, str]:
+    """Sample `index` of the dataset with base seed `seed` and shape words `shapes`: (image, caption)."""
     rng = random.Random(f"shapes-{seed}-{index}")
-    specs = all_specs()
+    specs = all_specs(shapes)
     spec = specs[rng.randrange(len(specs))]
     return render(spec, size, rng), spec.caption
 

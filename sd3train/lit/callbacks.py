@@ -9,9 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
-from sd3train.data.shapes import all_specs
-from sd3train.eval.colour import colour_adherence
-from sd3train.eval.shape import shape_adherence
+from sd3train.eval.shapes_suite import adherence_metrics, evaluation_prompts
 from sd3train.inference import decode_to_uint8, generate_latents, write_grid, write_samples
 
 
@@ -103,26 +101,24 @@ class StepProgressBar(TQDMProgressBar):
 EVAL_SEED_OFFSET = 100_000
 
 
-def evaluation_prompts(samples_per_caption: int) -> list[str]:
-    """Every caption of the shapes grammar, `samples_per_caption` times each."""
-    return [spec.caption for spec in all_specs() for _ in range(samples_per_caption)]
-
-
 class PreviewAndEvaluate(L.Callback):
     """Writes sample grids to run_dir/samples/step-N/ (and W&B) and, at the end, measures colour and
-    shape adherence over every caption of the shapes grammar (its samples: samples/eval-step-N.png).
+    shape adherence over every caption of the shapes grammar, and of each new shape a finetune taught
+    (`new_shapes`; sd3train/eval/shapes_suite.py), its samples in samples/eval-step-N.png.
 
     Samples come from the EMA weights when EMA is on. Seeds start at `seed`, far from anything the
     training streams use, so the evaluation never sees training noise; the evaluation's start at
     `seed + EVAL_SEED_OFFSET`, so they are not the preview grid's either.
     """
 
-    def __init__(self, run_dir: Path, prompts: list[str], seed: int, every_n_steps: int, samples_per_caption: int):
+    def __init__(self, run_dir: Path, prompts: list[str], seed: int, every_n_steps: int, samples_per_caption: int,
+                 new_shapes: tuple[str, ...] = ()):
         self.run_dir = run_dir
         self.prompts = prompts
         self.seed = seed
         self.every_n_steps = every_n_steps
         self.samples_per_caption = samples_per_caption
+        self.new_shapes = tuple(new_shapes)
 
     def _latent_shape(self, pl_module) -> tuple[int, int, int]:
         side = pl_module.cfg.data.resolution // pl_module.vae.downsample_factor
@@ -131,7 +127,7 @@ class PreviewAndEvaluate(L.Callback):
     def _generate(self, pl_module, prompts: list[str], first_seed: int):
         seeds = [first_seed + index for index in range(len(prompts))]
         latents = generate_latents(
-            pl_module.sampling_model, pl_module.text, prompts, seeds, self._latent_shape(pl_module),
+            pl_module.sampling_model, pl_module.sampling_text, prompts, seeds, self._latent_shape(pl_module),
             pl_module.cfg.diffusion.sampler,
         )
         return decode_to_uint8(pl_module.vae, latents), seeds
@@ -170,13 +166,12 @@ class PreviewAndEvaluate(L.Callback):
         self._preview(trainer, pl_module, logger_step=trainer.global_step)  # after the last step's metrics
         if not self.samples_per_caption or not self._generates(trainer):
             return
-        prompts = evaluation_prompts(self.samples_per_caption)
+        prompts = evaluation_prompts(self.samples_per_caption, self.new_shapes)
         first_seed = self.seed + EVAL_SEED_OFFSET
         images, _ = self._generate(pl_module, prompts, first_seed)
         if not trainer.is_global_zero:
             return
-        metrics = {"eval/colour_adherence": colour_adherence(images, prompts),
-                   "eval/shape_adherence": shape_adherence(images, prompts)}
+        metrics = adherence_metrics(images, prompts, self.new_shapes)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()

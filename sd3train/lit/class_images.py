@@ -3,7 +3,8 @@ holds fewer than `data.num_class_images` (DreamBooth's recipe).
 
     GenerateClassImages(cfg)   # a Lightning callback: on_fit_start, each rank draws its share
 
-Image i is `class-NNNNN.png` with `class-NNNNN.txt` holding `data.class_prompt`, drawn with the
+Image i is `class-NNNNN.png` with `class-NNNNN.txt` holding `data.class_prompt` (or
+`data.class_prompts[i % count]`), drawn with the
 project's sampler (diffusion.sampler) from seed eval.seed + 200000 + i: rank r draws the missing
 indices r, r + world size, ...; each file is written to a temporary name and renamed, so a run
 stopped midway leaves whole images, and the next start draws only what is missing (resumable).
@@ -42,7 +43,7 @@ def _write(path: Path, write) -> None:
 class GenerateClassImages(L.Callback):
     def __init__(self, cfg):
         self.folder = resolve_repo_path(cfg.data.class_images)
-        self.prompt = cfg.data.class_prompt
+        self.prompts = list(cfg.data.class_prompts) or [cfg.data.class_prompt]
         self.count = cfg.data.num_class_images
         self.seed = cfg.eval.seed + SEED_OFFSET
 
@@ -51,19 +52,21 @@ class GenerateClassImages(L.Callback):
         missing = missing_class_images(self.folder, self.count)
         mine = missing[trainer.global_rank::trainer.world_size]
         if missing:
+            shown = repr(self.prompts[0]) + (f" and {len(self.prompts) - 1} more" if len(self.prompts) > 1 else "")
             rank_zero_info(f"prior preservation: drawing {len(missing)} of {self.count} class images "
-                           f"({self.prompt!r}) into {self.folder}")
+                           f"({shown}) into {self.folder}")
         cfg = pl_module.cfg
         side = cfg.data.resolution // pl_module.vae.downsample_factor
         for start in range(0, len(mine), BATCH):
             indices = mine[start:start + BATCH]
+            prompts = [self.prompts[index % len(self.prompts)] for index in indices]
             with torch.no_grad():
-                latents = generate_latents(pl_module.sampling_model, pl_module.text, [self.prompt] * len(indices),
+                latents = generate_latents(pl_module.sampling_model, pl_module.text, prompts,
                                            [self.seed + index for index in indices],
                                            (cfg.vae.latent_channels, side, side), cfg.diffusion.sampler)
                 images = decode_to_uint8(pl_module.vae, latents)
-            for index, pixels in zip(indices, images):
+            for index, prompt, pixels in zip(indices, prompts, images):
                 stem = self.folder / class_image_stem(index)
-                _write(stem.with_suffix(".txt"), lambda path: path.write_text(self.prompt))
+                _write(stem.with_suffix(".txt"), lambda path: path.write_text(prompt))
                 _write(stem.with_suffix(".png"), lambda path: Image.fromarray(pixels).save(path, format="PNG"))
         trainer.strategy.barrier("GenerateClassImages")

@@ -12,14 +12,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from sd3train.checkpoint.adapters import check_adapter_base
-from sd3train.checkpoint.components import (
-    adapted_mmdit_from_config,
-    mmdit_from_config,
-    text_conditioner_from_config,
-    vae_from_config,
-    weight_sources,
-)
+from sd3train.checkpoint.components import adapted_mmdit_from_config, mmdit_from_config, vae_from_config
 from sd3train.config.schema import TrainConfig
 from sd3train.config.typed import to_plain
 from sd3train.data.cache_format import TEXT_OUTPUTS
@@ -37,13 +30,20 @@ from sd3train.lit.ema import EMAModel
 from sd3train.lit.latent_cache import LatentMomentCache
 from sd3train.lit.loggers import wandb_run_id
 from sd3train.lit.nonfinite import NonFiniteGuard, SkippableAdamW
-from sd3train.lit.prompts import CPUTextConditioner
-from sd3train.model.adapters import is_adapter_key
+from sd3train.lit.saved_state import fill_left_out, prune_saved_state
+from sd3train.lit.text_adapters import (
+    SamplingText,
+    adapted_modules,
+    adapted_outputs,
+    adapter_parameters,
+    build_text,
+)
+from sd3train.model.adapters import set_adapter_training
 from sd3train.model.compile import compile_blocks, compile_enabled
 from sd3train.model.embeddings import random_crop_offsets
 from sd3train.model.float8 import convert_blocks_to_float8
 from sd3train.model.mmdit import MMDiT
-from sd3train.model.sharding import is_sharded, shard_mmdit
+from sd3train.model.sharding import is_sharded, shard_mmdit, shard_module
 from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner
 from sd3train.paths import resolve_repo_path, run_dir_of
 from sd3train.runtime.lr_schedule import lr_factor
@@ -71,13 +71,14 @@ class SD3LitModule(L.LightningModule):
             compile_blocks(self.mmdit)
         frozen_dtype = resolve_frozen_dtype(cfg)
         self.vae = vae_from_config(cfg.vae, dtype=frozen_dtype)  # frozen, eval mode
+        # On the cache the training device gets neither the VAE encoder nor the text encoders (CPU,
+        # built when a preview first needs them), but for adapted CLIP ones (sd3train/lit/text_adapters.py).
+        self.text, self.text_digests = build_text(cfg, frozen_dtype)
         if cfg.data.cached:
-            # The cache holds the encoders' outputs: the training device gets neither the text
-            # encoders (CPU, built when a preview first needs them) nor the VAE encoder.
-            self.text = CPUTextConditioner(cfg.text)
             self.vae.encoder = self.vae.quant_conv = None
-        else:
-            self.text = text_conditioner_from_config(cfg.text, dtype=frozen_dtype)
+        self.text_adapted = tuple(cfg.adapter.text_encoders)  # they train, with their own EMA copy
+        self.text_ema = (EMAModel(adapted_modules(self.text, self.text_adapted), cfg.ema.decay, cfg.ema.every_n_steps)
+                         if self.text_adapted and cfg.ema.enabled else None)
         self.guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
         # Prior preservation: the class images' samples are told by their url (sd3train/data/folder.py).
         self.class_prefix = (folder_prefix(resolve_repo_path(cfg.data.class_images))
@@ -104,11 +105,18 @@ class SD3LitModule(L.LightningModule):
         for model in [self.mmdit] + ([self.ema.shadow] if self.ema is not None else []):
             shard_mmdit(model, self.trainer.strategy.fsdp_mesh, param_dtype=param_dtype,
                         reshard_after_forward=strategy.reshard_after_forward, cpu_offload=strategy.cpu_offload)
+        # Adapted text encoders (and their EMA copies): one unit each, so their adapters' gradients are reduced.
+        for model in [adapted_modules(self.text, self.text_adapted)] + ([self.text_ema.shadow] if self.text_ema else []):
+            for encoder in model.values():
+                shard_module(encoder, self.trainer.strategy.fsdp_mesh, param_dtype=param_dtype,
+                             cpu_offload=strategy.cpu_offload)
 
     def train(self, mode: bool = True) -> "SD3LitModule":
         super().train(mode)
         self.vae.eval()  # frozen parts stay in eval mode whatever Lightning asks
         self.text.eval()
+        for name in self.text_adapted:  # but for the adapters on text encoders (their dropout)
+            set_adapter_training(getattr(self.text, name), mode)
         return self
 
     @property
@@ -116,11 +124,18 @@ class SD3LitModule(L.LightningModule):
         """The weights used for previews and evaluation: the EMA copy when there is one."""
         return self.ema.shadow if self.ema is not None else self.mmdit
 
+    @property
+    def sampling_text(self):
+        """What prompts are encoded with for previews and evaluation: `text`, its adapted encoders the
+        EMA copies when there are some."""
+        return SamplingText(self.text, self.text_ema.shadow) if self.text_ema is not None else self.text
+
     # ------------------------------------------------------------------ training
     def prepare_batch(self, batch: dict) -> dict:
         """What the data module applies to a batch on the host before it moves to the device: the
         captions' token ids, so they travel with the batch instead of being copied in the step."""
-        if "captions" in batch and "latent_mean" not in batch and isinstance(self.text, TextConditioner):
+        live = "latent_mean" not in batch or self.text_adapted  # on the cache, the adapted encoders' only
+        if "captions" in batch and live and hasattr(self.text, "tokenize"):
             batch["token_ids"] = self.text.tokenize(batch["captions"])
         return batch
 
@@ -129,6 +144,7 @@ class SD3LitModule(L.LightningModule):
 
         A batch from the precompute cache ("latent_mean" in it) skips both encoders and draws the
         same random numbers in the same order as the online path, so both give the same loss.
+        Adapted text encoders run outside no_grad, on the cache too.
         """
         with torch.no_grad():
             if "latent_mean" in batch:
@@ -142,14 +158,18 @@ class SD3LitModule(L.LightningModule):
                 eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
                 latents = self.vae.normalise(mean + std * eps)
             keep = None if generator is None else self.text.dropout_keep_mask(mean.shape[0], generator)
+            live = "latent_mean" not in batch or self.text_adapted
+            token_ids = (batch.get("token_ids") or self.text.tokenize(batch["captions"])) if live else None
             if "latent_mean" in batch:
                 # In the cache's dtype: masking, padding and concatenating are exact in any dtype,
                 # and half the bytes; the context becomes fp32 once, below.
                 outputs = {name: batch[name].to(self.device) for name in TEXT_OUTPUTS}
             else:
-                token_ids = batch.get("token_ids") or self.text.tokenize(batch["captions"])
-                outputs = self.text.encode_tokens(token_ids)
-            context, pooled = TextConditioner.assemble(outputs, keep)
+                frozen = tuple(name for name in ENCODER_NAMES if name not in self.text_adapted)
+                outputs = self.text.encode_tokens(token_ids, frozen)
+        if self.text_adapted:
+            outputs.update(adapted_outputs(self.text, self.text_adapted, token_ids, self.device))
+        context, pooled = TextConditioner.assemble(outputs, keep)
         return latents.float(), context.to(self.device, torch.float32), pooled.to(self.device, torch.float32)
 
     def _moments(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +253,8 @@ class SD3LitModule(L.LightningModule):
         return (self.global_step + 1) % self.cfg.trainer.log_every_n_steps == 0
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.mmdit.parameters() if p.grad is not None]
+        trained = list(self.mmdit.parameters()) + adapter_parameters(self.text, self.text_adapted)
+        grads = [p.grad for p in trained if p.grad is not None]
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         clip_scale = None
         if grads:  # the norm before clipping, which is what shows an instability coming
@@ -267,6 +288,8 @@ class SD3LitModule(L.LightningModule):
         step = self.global_step + 1
         if self.ema is not None and step >= self.cfg.ema.start_step and self.ema.due(step):
             self.ema.update(self.mmdit, applied=self.guard.ok)
+            if self.text_ema is not None:
+                self.text_ema.update(adapted_modules(self.text, self.text_adapted), applied=self.guard.ok)
 
     @property
     def last_step_nonfinite(self) -> bool:
@@ -312,6 +335,7 @@ class SD3LitModule(L.LightningModule):
     def configure_optimizers(self):
         optim = self.cfg.optim
         trained = [parameter for parameter in self.mmdit.parameters() if parameter.requires_grad]  # adapters: theirs
+        trained += adapter_parameters(self.text, self.text_adapted)  # the text encoders' adapters, if any
         optimizer = SkippableAdamW(trained, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                    weight_decay=optim.weight_decay)
         total = self.cfg.trainer.max_steps
@@ -322,27 +346,8 @@ class SD3LitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --------------------------------------------------------------- checkpoints
-    def _frozen_from_files(self) -> tuple[str, ...]:
-        """Prefixes of frozen parts that are loaded from weight files, so checkpoints need no copy.
-
-        Randomly initialised encoders (tiny configs) are saved: a checkpoint must not depend on
-        the initialisation code staying bit-for-bit the same.
-        """
-        text_from_files = len(weight_sources(self.cfg.text)) == len(ENCODER_NAMES)  # else all are saved
-        return tuple(prefix for prefix, from_files in (("vae.", self.cfg.vae.weights is not None),
-                                                       ("text.", text_from_files)) if from_files)
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        skipped = self._frozen_from_files()
-        for key in [key for key in state if skipped and key.startswith(skipped)]:
-            del state[key]
-        if self.base_digest is not None:
-            # Adapters: only their weights (trained and averaged); the base comes from model.weights,
-            # identified by its digest.
-            for key in [key for key in state if key.startswith(("mmdit.", "ema.shadow.")) and not is_adapter_key(key)]:
-                del state[key]
-            checkpoint["sd3train_adapter_base"] = {"weights": self.cfg.model.weights, "digest": self.base_digest}
+        prune_saved_state(self, checkpoint)  # frozen parts from weight files; adapter bases (lit/saved_state.py)
         checkpoint["sd3train_config"] = to_plain(self.cfg)
         checkpoint["sd3train_guard"] = self.guard.state_dict()
         # The W&B id is a function of the run directory (sd3train.lit.loggers); recorded for tools.
@@ -353,17 +358,7 @@ class SD3LitModule(L.LightningModule):
             self.guard.load_state_dict(checkpoint["sd3train_guard"])
         if "state_dict" not in checkpoint:
             return  # DeepSpeed restores the (sharded) weights itself and hands over the rest
-        # Parts left out at save time come from the weight files they were loaded from.
-        state = checkpoint["state_dict"]
-        parts = [("vae.", self.vae), ("text.", self.text)]
-        if self.base_digest is not None:
-            check_adapter_base(checkpoint, self.base_digest, self.cfg.model.weights)
-            parts += [("mmdit.", self.mmdit)] + ([("ema.shadow.", self.ema.shadow)] if self.ema is not None else [])
-        for prefix, module in parts:
-            if not isinstance(module, torch.nn.Module):
-                continue  # the CPU text encoders of a run on the cache are not part of its state
-            for key, value in module.state_dict().items():
-                state.setdefault(prefix + key, value)
+        fill_left_out(self, checkpoint)  # parts left out at save time, from the files they were loaded from
 
 
 def resolve_frozen_dtype(cfg: TrainConfig) -> torch.dtype:

@@ -69,7 +69,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.C
         checkpointer,
         stop_on_preemption,
         PreviewAndEvaluate(
-            run_dir, cfg.eval.prompts, cfg.eval.seed, cfg.eval.sample_every_n_steps, cfg.eval.samples_per_caption
+            run_dir, cfg.eval.prompts, cfg.eval.seed, cfg.eval.sample_every_n_steps, cfg.eval.samples_per_caption,
+            tuple(cfg.eval.new_shapes),
         ),
     ]
     if cfg.data.class_images is not None:  # prior preservation: class images drawn before training

@@ -10,7 +10,10 @@ module names (full match):
   mlp             each stream's MLP (fc1, fc2)
   modulation      each stream's adaLN modulation
   context_stream  every linear layer of the text stream (context_block)
-`blocks` picks joint blocks by index (None: all). Kinds: lora, dora (LoRA with a learned weight
+`blocks` picks joint blocks by index (None: all). The CLIP-L and bigG text encoders
+(`adapter.text_encoders`) take the same kind, rank and alpha on their attention projections
+(`text_model.encoder.layers.N.self_attn.{q,k,v,out}_proj`, diffusers' `text_encoder_lora_layers`
+default): `apply_text_adapter_config(clip_l, cfg)`. Kinds: lora, dora (LoRA with a learned weight
 magnitude), loha and lokr (Hadamard and Kronecker products, LyCORIS). peft wraps each target in a
 layer holding the original as `base_layer`, so base parameters are renamed (`...qkv.base_layer.weight`);
 `adapter_state_dict` and `base_state_dict` give both in the MM-DiT's own names.
@@ -33,6 +36,8 @@ TARGET_GROUPS = {
     "modulation": r"joint_blocks\.\d+\.(x_block|context_block)\.adaLN_modulation\.1",
     "context_stream": r"joint_blocks\.\d+\.context_block\..+",
 }
+# transformers' CLIPTextModelWithProjection module names (full match).
+TEXT_ENCODER_TARGET = r"text_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj"
 ADAPTER_NAME = "default"  # peft's name for the one adapter we train
 _PEFT_SEGMENT = re.compile(r"\.(lora_[A-Za-z_]+|hada_[A-Za-z0-9_]+|lokr_[A-Za-z0-9_]+)\.default(?=\.|$)")
 
@@ -80,6 +85,11 @@ def add_adapter(model: nn.Module, kind: str, names: Sequence[str], rank: int, al
     from peft import inject_adapter_in_model
 
     inject_adapter_in_model(peft_config(kind, names, rank, alpha, dropout, init), model, adapter_name=ADAPTER_NAME)
+    return train_adapters_only(model)
+
+
+def train_adapters_only(model: nn.Module) -> nn.Module:
+    """Adapter parameters trainable, every other one frozen; returns `model`."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(is_adapter_key(name))
     return model
@@ -135,6 +145,33 @@ def apply_adapter_config(model: nn.Module, cfg) -> nn.Module:
     names = adapter_targets(model, cfg.targets, cfg.blocks)
     return add_adapter(model, cfg.kind, names, cfg.rank, cfg.alpha, cfg.dropout,
                        init=True if cfg.init == "default" else cfg.init)
+
+
+def text_adapter_targets(encoder: nn.Module) -> list[str]:
+    """The attention projections of a CLIP text encoder (`TEXT_ENCODER_TARGET`), in module order."""
+    names = [name for name, module in encoder.named_modules()
+             if isinstance(module, nn.Linear) and re.fullmatch(TEXT_ENCODER_TARGET, name)]
+    if not names:
+        raise ValueError("adapter.text_encoders: the encoder has no text_model.encoder.layers.N.self_attn.*_proj "
+                         "layers (not a transformers CLIPTextModelWithProjection)")
+    return names
+
+
+def apply_text_adapter_config(encoder: nn.Module, cfg) -> nn.Module:
+    """`add_adapter` on a CLIP text encoder's attention projections, with the kind, rank, alpha,
+    dropout and init of the MM-DiT's adapter (`AdapterConfig`); returns `encoder`."""
+    return add_adapter(encoder, cfg.kind, text_adapter_targets(encoder), cfg.rank, cfg.alpha, cfg.dropout,
+                       init=True if cfg.init == "default" else cfg.init)
+
+
+def set_adapter_training(model: nn.Module, mode: bool) -> None:
+    """Switch the adapter layers alone (their dropout) to `mode`, in a model otherwise kept in eval
+    mode (the frozen text encoders)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.train(mode)
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:

@@ -48,6 +48,16 @@ def shard_mmdit(model: MMDiT, mesh: DeviceMesh, param_dtype: Optional[torch.dtyp
     return model
 
 
+def shard_module(module: nn.Module, mesh: DeviceMesh, param_dtype: Optional[torch.dtype] = None,
+                 reduce_dtype: torch.dtype = torch.float32, cpu_offload: bool = False) -> nn.Module:
+    """Shard `module` in place over `mesh` as one unit (an adapted text encoder: small, run once per
+    step), with `shard_mmdit`'s precision and offload policies; returns it."""
+    fully_shard(module, mesh=mesh, reshard_after_forward=True,
+                mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+                offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    return module
+
+
 def is_sharded(module: nn.Module) -> bool:
     """Whether `module`'s parameters are DTensors (sharded by FSDP2)."""
     return any(hasattr(parameter, "to_local") for parameter in module.parameters())

@@ -124,6 +124,16 @@ def sample_keep_mask(
     return torch.stack([draws[:, k] < keep for k, keep in enumerate(keep_probability)], dim=1)  # (B, 3)
 
 
+def encoder_outputs(name: str, encoder: nn.Module, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One encoder's part of `TextConditioner.encode_tokens`, under the caller's grad mode (adapted
+    CLIP encoders train through it): `{name}_hidden` and, for CLIP, `{name}_pooled`."""
+    if name == "t5":
+        return {"t5_hidden": encoder(input_ids=token_ids).last_hidden_state}  # (B, Lt, Dt)
+    output = encoder(input_ids=token_ids, output_hidden_states=True)
+    # (B, Lc, D) the penultimate layer's states; (B, P) the projected end-token state.
+    return {f"{name}_hidden": output.hidden_states[-2], f"{name}_pooled": output.text_embeds}
+
+
 def _zero_dropped(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Rows of `tensor` where keep is False become exact zeros; kept rows are returned unchanged."""
     keep = keep.view(-1, *([1] * (tensor.dim() - 1)))  # (B, 1, ...)
@@ -214,19 +224,13 @@ class TextConditioner(nn.Module):
         return {name: self.tokenizers[name](prompts) for name in ENCODER_NAMES}
 
     @torch.no_grad()
-    def encode_tokens(self, token_ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-encoder outputs from token ids (see `encode_per_encoder`)."""
-        device = self.device
-        clip_l = self.clip_l(input_ids=token_ids["clip_l"].to(device), output_hidden_states=True)
-        clip_g = self.clip_g(input_ids=token_ids["clip_g"].to(device), output_hidden_states=True)
-        t5 = self.t5(input_ids=token_ids["t5"].to(device))
-        return {
-            "clip_l_hidden": clip_l.hidden_states[-2],  # (B, Lc, Dl) penultimate layer
-            "clip_l_pooled": clip_l.text_embeds,  # (B, Pl)
-            "clip_g_hidden": clip_g.hidden_states[-2],  # (B, Lc, Dg)
-            "clip_g_pooled": clip_g.text_embeds,  # (B, Pg)
-            "t5_hidden": t5.last_hidden_state,  # (B, Lt, Dt)
-        }
+    def encode_tokens(self, token_ids: dict[str, torch.Tensor],
+                      names: tuple[str, ...] = ENCODER_NAMES) -> dict[str, torch.Tensor]:
+        """Per-encoder outputs from token ids (see `encode_per_encoder`), of the encoders `names`."""
+        outputs = {}
+        for name in names:
+            outputs.update(encoder_outputs(name, getattr(self, name), token_ids[name].to(self.device)))
+        return outputs
 
     def encode_per_encoder(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """{"clip_l_hidden", "clip_l_pooled", "clip_g_hidden", "clip_g_pooled", "t5_hidden"}: what a

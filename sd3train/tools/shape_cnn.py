@@ -32,8 +32,8 @@ from sd3train.checkpoint.training import read_training_checkpoint
 from sd3train.data.shapes import SHAPES, image_to_array, make_sample, parse_caption
 from sd3train.eval.colour import colour_adherence
 from sd3train.eval.shape import shape_adherence
+from sd3train.eval.shapes_suite import evaluation_prompts
 from sd3train.inference import decode_to_uint8, generate_latents
-from sd3train.lit.callbacks import evaluation_prompts
 from sd3train.lit.restore import restore_module
 from sd3train.tools.make_shapes import VAL_SEED_OFFSET
 

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from sd3train.curation.precompute import main as precompute
+from sd3train.data.cache_format import TEXT_OUTPUTS
 from sd3train.data.datamodule import ShardDataModule
 from sd3train.data.tar_reader import RawSample, read_shard
 from sd3train.data.tar_writer import EncodedImage, ShardSample, write_shards
 from sd3train.diffusion.timesteps import sample_timesteps
 from sd3train.lit.module import SD3LitModule
 from sd3train.model.embeddings import random_crop_offsets
+from sd3train.model.text_encoders import TextConditioner
 from sd3train.runtime.rng import step_generator
 from sd3train.tools.make_shapes import build_shapes
 from tests.support.config import tiny_config
@@ -134,3 +136,41 @@ def test_fit_trains_on_the_cache(data):
     assert len(val_losses) == 1 and math.isfinite(val_losses[0])
     checkpoint = torch.load(run_dir / "checkpoints" / "last" / "checkpoint.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == STEPS
+
+
+def test_adapted_text_encoders_run_live_on_the_cache(data):
+    """adapter.text_encoders on the cache: the adapted CLIP encoders run on the cached captions, T5
+    comes from the cache, and the loss is the online one."""
+    from tests.support.checkpoints import write_training_checkpoint
+
+    (data / "base").mkdir(exist_ok=True)
+    base = write_training_checkpoint(data / "base", *SMALL)
+    adapter = (f"model.weights={base}", "adapter=lora", "adapter.text_encoders=[clip_l,clip_g]")
+    modules = []
+    for cache in (None, "cache-fp32"):
+        torch.manual_seed(0)
+        module = SD3LitModule(_config(data, cache, *adapter)).eval()
+        generator = torch.Generator().manual_seed(1)  # B away from zero, so the adapters change the outputs
+        with torch.no_grad():
+            for _, parameter in sorted(module.text.named_parameters()):
+                if parameter.requires_grad:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        modules.append(module)
+    online, cached = modules
+    assert not hasattr(cached.text, "t5") and set(cached.text.tokenizers) == {"clip_l", "clip_g"}
+    online_batches, cached_batches = _batches(_config(data)), _batches(_config(data, "cache-fp32"))
+    online_losses = [_step_loss(online, batch, step) for step, batch in enumerate(online_batches)]
+    cached_losses = [_step_loss(cached, cached.prepare_batch(batch), step) for step, batch in enumerate(cached_batches)]
+    assert cached_losses == pytest.approx(online_losses, rel=1e-5)
+    # T5's part of the context is the cache's own; the CLIP part and the pooled vector are not.
+    batch = cached_batches[0]
+    _, context, pooled = cached._encode_batch(batch, generator=None)
+    cached_context, cached_pooled = TextConditioner.assemble({name: batch[name] for name in TEXT_OUTPUTS})
+    clip_tokens = cached.cfg.text.clip_l.max_length
+    assert torch.equal(context[:, clip_tokens:], cached_context[:, clip_tokens:])
+    assert (pooled - cached_pooled).norm() > 1e-2 * cached_pooled.norm()
+    # And the adapters train through them: the step's context carries their gradients.
+    _, context, pooled = cached.train()._encode_batch(batch, step_generator(cached.cfg.trainer.seed, 0, 0, "train"))
+    (context.square().sum() + pooled.square().sum()).backward()
+    adapters = [parameter for parameter in cached.text.parameters() if parameter.requires_grad]
+    assert adapters and all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in adapters)

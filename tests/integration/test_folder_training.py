@@ -125,3 +125,20 @@ def test_prior_preservation_draws_the_class_images_once_and_logs_their_loss(fold
     # A second run (here: the resumed one) finds them all and draws none again.
     fit(tiny_config(small_shapes, tmp_path / "runs", *common, "trainer.max_steps=4"))
     assert [path.stat().st_mtime_ns for path in images] == stamps
+
+
+def test_class_prompts_caption_the_class_images_in_turn(folder, small_shapes, tmp_path):
+    """data.class_prompts (experiment=lora_tiny_cpu preserves the whole grammar): image i is drawn
+    from, and captioned with, prompt i mod their count."""
+    classes = tmp_path / "class"
+    prompts = ["a red circle on a white background", "a blue square on a black background",
+               "a green triangle on a white background"]
+    cfg = tiny_config(small_shapes, tmp_path / "runs", "data=folder", f"data.path={folder}",
+                      f"data.class_images={classes}", f"data.class_prompts=[{','.join(repr(p) for p in prompts)}]",
+                      "data.num_class_images=4", "diffusion.sampler.num_steps=2", "data.batch_size=8",
+                      "model.depth=1", "eval.prompts=[]", "eval.samples_per_caption=0", "logger.wandb=false",
+                      "trainer.progress_bar=false", "data.val_shards=null", "data.instance_prompt='a shape'",
+                      "trainer.max_steps=1")
+    fit(cfg)
+    written = [(classes / f"class-{index:05d}.txt").read_text() for index in range(4)]
+    assert written == [prompts[0], prompts[1], prompts[2], prompts[0]]

@@ -47,3 +47,23 @@ def test_without_clipping_the_optimizer_gets_no_scale(small_shapes, tmp_path):
         parameter.grad = torch.ones_like(parameter)
     module.on_before_optimizer_step(optimizer)
     assert optimizer.grad_scale is None and not bool(optimizer.found_inf)
+
+
+def test_the_clipped_norm_covers_the_text_encoders_adapters(small_shapes, tmp_path):
+    from tests.support.checkpoints import write_training_checkpoint
+
+    (tmp_path / "base").mkdir()
+    base = write_training_checkpoint(tmp_path / "base", "model.depth=1")
+    cfg = tiny_config(small_shapes, tmp_path, "model.depth=1", f"model.weights={base}", "adapter=lora",
+                      "adapter.text_encoders=[clip_l,clip_g]", "optim.grad_clip=1e-3", "ema.enabled=false")
+    module = SD3LitModule(cfg)
+    optimizer = module.configure_optimizers()["optimizer"]
+    trained = optimizer.param_groups[0]["params"]
+    text = [parameter for parameter in module.text.parameters() if parameter.requires_grad]
+    assert text and {id(parameter) for parameter in text} <= {id(parameter) for parameter in trained}
+    generator = torch.Generator().manual_seed(1)
+    for parameter in trained:
+        parameter.grad = torch.randn(parameter.shape, generator=generator)
+    module.on_before_optimizer_step(optimizer)
+    norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in trained])
+    torch.testing.assert_close(optimizer.grad_scale, (norm + 1e-6) / 1e-3)

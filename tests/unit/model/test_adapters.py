@@ -1,20 +1,25 @@
 """Adapters on the MM-DiT (peft): what each target group selects, block selection, that only the
-adapter trains, our names for peft's, and merging (every kind) into the base."""
+adapter trains, our names for peft's, and merging (every kind) into the base; on the CLIP text
+encoders, the attention projections alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from sd3train.config.adapter_schema import AdapterConfig
 from sd3train.model.adapters import (
     ADAPTER_KINDS,
     adapter_state_dict,
     adapter_targets,
     add_adapter,
+    apply_text_adapter_config,
     base_state_dict,
     load_adapter_state_dict,
     merged_state_dict,
     our_name,
+    set_adapter_training,
+    text_adapter_targets,
     weights_digest,
 )
 from sd3train.model.mmdit import MMDiT
@@ -97,3 +102,36 @@ def test_the_base_digest_follows_the_weights():
     assert weights_digest(state) == weights_digest({name: value.clone() for name, value in state.items()})
     changed = dict(state, **{"x_embedder.proj.bias": state["x_embedder.proj.bias"] + 1e-3})
     assert weights_digest(changed) != weights_digest(state)
+
+
+def tiny_clip():
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, projection_dim=16, max_position_embeddings=8)
+    return perturb(CLIPTextModelWithProjection(config)).eval()
+
+
+def test_text_encoders_adapt_their_attention_projections_only():
+    encoder = tiny_clip()
+    assert text_adapter_targets(encoder) == [f"text_model.encoder.layers.{index}.self_attn.{name}_proj"
+                                             for index in (0, 1) for name in ("k", "v", "q", "out")]
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = encoder(tokens).text_embeds
+    base = {name: value.clone() for name, value in encoder.state_dict().items()}
+    apply_text_adapter_config(encoder, AdapterConfig(kind="lora", rank=4, alpha=8.0, dropout=0.5))
+    trained = [our_name(name) for name, parameter in encoder.named_parameters() if parameter.requires_grad]
+    assert sorted(trained) == sorted(adapter_state_dict(encoder)) and len(trained) == 2 * 4 * 2
+    assert base_state_dict(encoder).keys() == base.keys()
+    with torch.no_grad():
+        assert torch.equal(encoder(tokens).text_embeds, before)  # B starts at zero
+    # Kept in eval mode, the encoder's adapters alone switch their dropout on and off.
+    set_adapter_training(encoder, True)
+    assert not encoder.training and all(module.training for name, module in encoder.named_modules()
+                                        if name.endswith("lora_dropout.default"))
+    set_adapter_training(encoder, False)
+    assert not any(module.training for module in encoder.modules())
+    with pytest.raises(ValueError, match="self_attn"):
+        text_adapter_targets(build())
