@@ -2,6 +2,7 @@
 #   make train   # create/refresh .venv, generate the shapes shards and their precompute cache,
 #                # train the embedded default (experiment=shapes_cpu)
 #   make test    # create/refresh .venv, run the test suite (slow tests excluded)
+#   make lora    # after make train: teach its checkpoint the star with a LoRA (experiment=lora_tiny_cpu)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: env data train test test-all clean-runs
+.PHONY: env data train lora test test-all clean-runs
 
 env: $(STAMP)
 
@@ -33,6 +34,13 @@ data: $(STAMP)
 
 train: data
 	WANDB_SILENT=true $(BIN)/sd3train-train experiment=shapes_cpu $(ARGS)
+
+# The LoRA demo starts from make train's checkpoint; the star folder is generated (data/concepts/star).
+BASE_CHECKPOINT := runs/shapes_cpu/main/checkpoints/last
+lora: $(STAMP)
+	@test -e $(BASE_CHECKPOINT) || { echo "make lora: $(BASE_CHECKPOINT) is missing: run make train first" >&2; exit 1; }
+	$(BIN)/python -m sd3train.tools.make_concept --out data/concepts/star
+	WANDB_SILENT=true $(BIN)/sd3train-train experiment=lora_tiny_cpu $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -97,6 +97,30 @@ def render(spec: ShapeSpec, size: int, rng: random.Random) -> Image.Image:
     return image
 
 
+def render_concept(spec: ShapeSpec, size: int, rng: random.Random) -> Image.Image:
+    """Draw a new shape as a finetune's concept: one object seen the same way in every image (upright,
+    centred), of random size, in the colour and on the background `spec` names."""
+    image = Image.new("RGB", (size, size), BACKGROUND_COLOURS[spec.background])
+    radius = rng.uniform(0.30, 0.40) * size
+    corners = 10 if spec.shape == "star" else 4 if spec.shape == "square" else 3
+    radii = [radius if i % 2 == 0 or spec.shape != "star" else STAR_INNER_RADIUS * radius for i in range(corners)]
+    points = [
+        (size / 2 + r * math.cos(-math.pi / 2 + 2.0 * math.pi * i / corners),  # the first point straight up
+         size / 2 + r * math.sin(-math.pi / 2 + 2.0 * math.pi * i / corners))
+        for i, r in enumerate(radii)
+    ]
+    ImageDraw.Draw(image).polygon(points, fill=SHAPE_COLOURS[spec.colour])
+    return image
+
+
+def make_concept_sample(seed: int, index: int, size: int, shape: str) -> tuple[Image.Image, str]:
+    """Image `index` of a concept folder of `shape`: the colours and backgrounds in turn, so a folder
+    of 12k images holds each pair k times."""
+    specs = all_specs((shape,))
+    spec = specs[index % len(specs)]
+    return render_concept(spec, size, random.Random(f"concept-{seed}-{index}")), spec.caption
+
+
 def make_sample(seed: int, index: int, size: int, shapes: tuple[str, ...] = SHAPES) -> tuple[Image.Image, str]:
     """Sample `index` of the dataset with base seed `seed` and shape words `shapes`: (image, caption)."""
     rng = random.Random(f"shapes-{seed}-{index}")

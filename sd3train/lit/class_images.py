@@ -61,7 +61,7 @@ class GenerateClassImages(L.Callback):
             indices = mine[start:start + BATCH]
             prompts = [self.prompts[index % len(self.prompts)] for index in indices]
             with torch.no_grad():
-                latents = generate_latents(pl_module.sampling_model, pl_module.text, prompts,
+                latents = generate_latents(pl_module.sampling_model, pl_module.sampling_text, prompts,
                                            [self.seed + index for index in indices],
                                            (cfg.vae.latent_channels, side, side), cfg.diffusion.sampler)
                 images = decode_to_uint8(pl_module.vae, latents)

@@ -4,8 +4,9 @@
     python -m sd3train.tools.make_concept --out /tmp/stars --shape star --count 12 --size 64
 
 Image i is `<shape>-NNNNN.png` with `<shape>-NNNNN.txt` beside it holding its caption in the shapes
-grammar ("a red star on a black background"): every colour and background, each drawn at random
-size, place and rotation like the training shards (sd3train/data/shapes.py). `data=folder
+grammar ("a red star on a black background"): the colours and backgrounds in turn, the shape drawn
+as one object seen the same way (upright and centred, of random size: `render_concept` in
+sd3train/data/shapes.py), as the photos of a DreamBooth subject show one thing. `data=folder
 data.path=DIR` reads the folder as it is (experiment=lora_tiny_cpu). The images are a pure function
 of (seed, index); the default seed is used by neither the shards nor any evaluation.
 """
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from sd3train.data.shapes import NEW_SHAPES, make_sample
+from sd3train.data.shapes import NEW_SHAPES, make_concept_sample
 
 CONCEPT_SEED = 3_000_000  # the training shards use 0 and 1_000_000
 
@@ -31,7 +32,7 @@ def write_concept_folder(out: str | Path, shape: str = "star", count: int = 48, 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for index in range(count):
-        image, caption = make_sample(seed, index, size, shapes=(shape,))
+        image, caption = make_concept_sample(seed, index, size, shape)
         path = out / f"{shape}-{index:05d}.png"
         image.save(path, format="PNG")
         path.with_suffix(".txt").write_text(caption)

@@ -109,7 +109,7 @@ def sample_checkpoint(path: Path, samples_per_caption: int, seed_offset: int) ->
     first_seed = cfg.eval.seed + seed_offset
     side = cfg.data.resolution // module.vae.downsample_factor
     with torch.no_grad():
-        latents = generate_latents(module.sampling_model, module.text, prompts,
+        latents = generate_latents(module.sampling_model, module.sampling_text, prompts,
                                    [first_seed + index for index in range(len(prompts))],
                                    (cfg.vae.latent_channels, side, side), cfg.diffusion.sampler)
     return decode_to_uint8(module.vae, latents), prompts, first_seed
