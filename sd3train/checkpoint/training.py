@@ -68,6 +68,8 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     # need not exist on the machine that loads the checkpoint; nor do the callbacks it trained with.
     plain["trainer"] = {**plain.get("trainer", {}), "resume": "never", "callbacks": []}
     plain["paths"] = {**plain.get("paths", {}), "pretrained": None}
+    # Nor does the image folder it trained on (data=folder) or its class images.
+    plain["data"] = {**plain.get("data", {}), "path": None, "class_images": None}
     # How the training machine ran the MM-DiT is no property of its weights: the attention kernel it
     # chose may not exist where the checkpoint is read (cudnn on a CPU), and compilation is that
     # machine's call. Older configs' activation_checkpointing true/false are read by load_config.

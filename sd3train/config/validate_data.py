@@ -122,8 +122,8 @@ def _folder_problems(cfg: TrainConfig) -> list[str]:
                             "data.class_prompts (theirs in turn), not both")
         if data.num_class_images < 1:
             problems.append(f"data.num_class_images: must be >= 1, got {data.num_class_images}")
-        if cfg.strategy.name != "ddp":
-            problems.append(f"data.class_images: class images are drawn on each rank alone, under strategy ddp "
+        if cfg.strategy.name not in ("ddp", "fsdp"):
+            problems.append(f"data.class_images: class images are drawn under strategy ddp or fsdp "
                             f"(strategy.name is {cfg.strategy.name})")
     if data.masked_loss and data.cached:
         problems.append("data.masked_loss: the precompute cache holds no masks; train on images (data.cached=false)")

@@ -175,8 +175,10 @@ class PreviewAndEvaluate(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
+        concept = len(prompts) - len(evaluation_prompts(self.samples_per_caption))  # the new shapes' samples
         for name, score in metrics.items():
-            print(f"{name} = {score:.3f} over {len(prompts)} samples (seeds from {first_seed})")
+            count = concept // len(self.new_shapes) if name.startswith("eval/concept/") else len(prompts) - concept
+            print(f"{name} = {score:.3f} over {count} samples (seeds from {first_seed})")
         # What was scored, to look at: each caption's samples side by side, about 12 to a row.
         columns = self.samples_per_caption * max(1, 12 // self.samples_per_caption)
         grid = write_grid(self.run_dir / "samples" / f"eval-step-{trainer.global_step}.png", images, columns)

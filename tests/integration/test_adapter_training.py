@@ -17,6 +17,7 @@ from sd3train.checkpoint.training import read_training_checkpoint
 from sd3train.export import export
 from sd3train.train import fit, run_dir_of
 from tests.support.checkpoints import write_training_checkpoint
+from sd3train.tools.make_concept import write_concept_folder
 from tests.support.config import tiny_config
 
 ADAPTER = ["adapter=lora", "adapter.rank=4", "adapter.alpha=8", "adapter.targets=[attention,mlp]"]
@@ -179,3 +180,30 @@ def test_lora_under_fsdp_trains_as_under_ddp(small_shapes, tmp_path):
     assert adapter and all(".lora_" in key for key in adapter) and set(adapter) <= set(fsdp)
     for key in adapter:
         torch.testing.assert_close(fsdp[key].float(), ddp[key].float(), rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_prior_preservation_under_fsdp_draws_every_class_image_once(small_shapes, tmp_path):
+    """Two FSDP2 ranks draw the class images (collective forwards: the rank with fewer draws a
+    stand-in it does not keep), 5 images split 3 + 2, each written once, then train on them."""
+    from tests.support.processes import BIN, finish, launch
+
+    (tmp_path / "base").mkdir()
+    base = write_training_checkpoint(tmp_path / "base")
+    folder = tmp_path / "instance"
+    write_concept_folder(folder, count=4, size=32)
+    classes = tmp_path / "class"
+    finish(launch([str(BIN / "sd3train-train"), "experiment=tiny_cpu", "strategy=fsdp", "trainer.devices=2",
+                   "model.depth=2", f"model.weights={base}", *ADAPTER, "data=folder", f"data.path={folder}",
+                   f"data.class_images={classes}", "data.class_prompts=['a red circle on a white background',"
+                   "'a blue square on a black background']", "data.num_class_images=5",
+                   "diffusion.sampler.num_steps=2", "data.resolution=32", "data.batch_size=4", "data.num_workers=0",
+                   "data.val_shards=null", "data.cache_latents=false", "eval.prompts=[]",
+                   "eval.samples_per_caption=0", "logger.wandb=false", "trainer.progress_bar=false",
+                   "trainer.log_every_n_steps=1", "trainer.max_steps=2"], tmp_path))
+    assert sorted(path.name for path in classes.iterdir()) == sorted(
+        f"class-{index:05d}.{suffix}" for index in range(5) for suffix in ("png", "txt"))
+    assert (classes / "class-00003.txt").read_text() == "a blue square on a black background"
+    with open(tmp_path / "runs" / "tiny_cpu" / "main" / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss_prior")]
+    assert len(rows) == 2 and any(float(row["train/loss_prior"]) > 0 for row in rows)  # class images were in batches

@@ -38,3 +38,14 @@ def test_how_the_training_machine_ran_the_model_is_not_carried_over(training_che
     torch.save(checkpoint, gpu_run)
     model = read_training_checkpoint(gpu_run).config.model
     assert (model.attention_backend, model.compile) == ("auto", None)
+
+
+def test_the_image_folder_a_run_trained_on_need_not_exist_where_it_is_read(training_checkpoint, tmp_path):
+    """A LoRA trained on data=folder (with class images) samples and exports on a machine without them."""
+    checkpoint = torch.load(training_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["sd3train_config"]["data"].update(path=str(tmp_path / "gone"), class_images=str(tmp_path / "gone2"),
+                                                 class_prompt="a shape", val_shards=None)
+    folder_run = tmp_path / "folder.ckpt"
+    torch.save(checkpoint, folder_run)
+    data = read_training_checkpoint(folder_run).config.data
+    assert (data.path, data.class_images) == (None, None)

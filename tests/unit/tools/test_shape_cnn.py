@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from sd3train.data.shapes import image_to_array, make_sample
+from sd3train.data.shapes import image_to_array, make_concept_sample, make_sample
 from sd3train.tools import shape_cnn
 from tests.support.checkpoints import write_training_checkpoint
 
@@ -43,3 +43,16 @@ def test_a_checkpoints_samples_are_judged(tmp_path, capsys):
     assert report["samples"] == 36 and report["first_seed"] == 1_300_000
     for key in ("colour_adherence", "shape_adherence", "cnn_shape_adherence"):
         assert 0.0 <= report[key] <= 1.0
+
+
+def test_with_the_star_the_cnn_has_four_classes_and_the_report_the_concept():
+    torch.manual_seed(0)
+    images, labels = shape_cnn.renders(0, 64, 32, new_shapes=("star",))
+    assert images.shape == (64, 3, 32, 32) and labels.tolist().count(3) == 16  # a quarter are stars
+    net = shape_cnn.build_net(4)
+    held_out = [make_sample(1_000_000, index, 32) for index in range(4)]
+    star, caption = make_concept_sample(3, 0, 32, "star")
+    report = shape_cnn.judge(net, [image_to_array(image) for image, _ in held_out] + [image_to_array(star)],
+                             [caption for _, caption in held_out] + [caption], new_shapes=("star",))
+    assert report["samples"] == 5 and report["concept/star"] == 1.0 and "star" in report["cnn_by_shape"]
+    assert {"colour_adherence", "shape_adherence", "concept/star_colour"} <= set(report)
