@@ -16,8 +16,8 @@ from sd3train.checkpoint.files import read_lightning_checkpoint
 from sd3train.checkpoint.training import read_training_checkpoint
 from sd3train.export import export
 from sd3train.train import fit, run_dir_of
-from tests.support.checkpoints import write_training_checkpoint
 from sd3train.tools.make_concept import write_concept_folder
+from tests.support.checkpoints import write_training_checkpoint
 from tests.support.config import tiny_config
 
 ADAPTER = ["adapter=lora", "adapter.rank=4", "adapter.alpha=8", "adapter.targets=[attention,mlp]"]
@@ -155,27 +155,17 @@ def test_an_exported_lora_loads_back_as_the_adapter_to_start_from(run, small_sha
 
 @pytest.mark.slow  # about 40 s: two 2-process runs
 def test_lora_under_fsdp_trains_as_under_ddp(small_shapes, tmp_path):
-    from tests.support.processes import BIN, finish, launch
+    from tests.support.processes import train_under_fsdp_and_ddp
 
     (tmp_path / "base").mkdir()
     base = write_training_checkpoint(tmp_path / "base")
-    runs = {}
-    for strategy in ("fsdp", "ddp"):
-        cwd = tmp_path / strategy
-        cwd.mkdir()
-        finish(launch([str(BIN / "sd3train-train"), "experiment=tiny_cpu", f"strategy={strategy}", "trainer.devices=2",
-                       "model.depth=2", f"model.weights={base}", *ADAPTER, "trainer.precision=bf16-mixed",
-                       "data.batch_size=4", "data.num_workers=0", "data.val_shards=null", "eval.prompts=[]",
-                       "eval.samples_per_caption=0", "logger.wandb=false", "trainer.progress_bar=false",
-                       "trainer.log_every_n_steps=1", "trainer.max_steps=4",
-                       f"data.shards='{small_shapes}/train-{{000000..000003}}.tar'"], cwd))
-        runs[strategy] = cwd / "runs" / "tiny_cpu" / "main"
-    losses = {}
-    for strategy, run_dir in runs.items():
-        with open(run_dir / "metrics.csv", newline="") as handle:
-            losses[strategy] = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
-    assert len(losses["fsdp"]) == 4 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-3)
-    fsdp, ddp = (read_lightning_checkpoint(run_dir / "checkpoints" / "last")["state_dict"] for run_dir in runs.values())
+    runs = train_under_fsdp_and_ddp(tmp_path, [
+        "model.depth=2", f"model.weights={base}", *ADAPTER, "trainer.precision=bf16-mixed", "data.batch_size=4",
+        "data.num_workers=0", "data.val_shards=null", "eval.prompts=[]", "eval.samples_per_caption=0",
+        "logger.wandb=false", "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "trainer.max_steps=4",
+        f"data.shards='{small_shapes}/train-{{000000..000003}}.tar'"])
+    (fsdp_losses, fsdp), (ddp_losses, ddp) = runs["fsdp"], runs["ddp"]
+    assert len(fsdp_losses) == 4 and fsdp_losses == pytest.approx(ddp_losses, rel=1e-3)
     adapter = [key for key in ddp if key.startswith(("mmdit.", "ema.shadow."))]
     assert adapter and all(".lora_" in key for key in adapter) and set(adapter) <= set(fsdp)
     for key in adapter:

@@ -116,7 +116,7 @@ def test_sd3train_sample_reads_an_fsdp_checkpoint(fsdp_run, tmp_path):
     assert (tmp_path / "samples.jsonl").is_file() and len(list(tmp_path.glob("*.png"))) == 1
 
 
-@pytest.mark.parametrize("devices", [1, 3])
+@pytest.mark.parametrize("devices", [1, pytest.param(3, marks=pytest.mark.slow)])  # 3 ranks: 25 s more
 def test_a_two_rank_checkpoint_resumes_on_another_number_of_ranks(fsdp_run, small_shapes, tmp_path, devices):
     source, _ = fsdp_run
     cwd = tmp_path / "moved"

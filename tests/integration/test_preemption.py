@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from sd3train.checkpoint.step_dirs import latest_complete_checkpoint, read_marker
 from sd3train.runtime.exit_codes import PREEMPTED_EXIT_CODE
 from tests.support.processes import BIN, finish, launch
@@ -23,6 +25,7 @@ def logged_steps(metrics: Path) -> list[int]:
         return [int(row["step"]) + 1 for row in csv.DictReader(file) if row.get("train/loss")]
 
 
+@pytest.mark.slow  # about 34 s; tests/integration/test_slurm_training.py covers USR1 under a real SLURM by default
 def test_usr1_to_rank_zero_stops_both_ranks_at_one_checkpoint_and_the_rerun_finishes(small_shapes, tmp_path):
     run_dir = tmp_path / "runs" / "tiny_cpu" / "main"
     command = [

@@ -155,26 +155,17 @@ def test_a_merged_export_merges_the_text_adapters(run, tmp_path):
 
 @pytest.mark.slow  # about 35 s: two 2-process runs
 def test_text_adapters_under_fsdp_train_as_under_ddp(run, small_shapes, tmp_path):
-    from tests.support.processes import BIN, finish, launch
+    from tests.support.processes import train_under_fsdp_and_ddp
 
     root, _ = run
-    runs = {}
-    for strategy in ("fsdp", "ddp"):
-        cwd = tmp_path / strategy
-        cwd.mkdir()
-        finish(launch([str(BIN / "sd3train-train"), "experiment=tiny_cpu", f"strategy={strategy}", "trainer.devices=2",
-                       "model.depth=2", f"model.weights={root / 'base.ckpt'}", f"text.weights={root / 'text'}", *ADAPTER,
-                       "trainer.precision=bf16-mixed", "data.batch_size=4", "data.num_workers=0", "data.val_shards=null",
-                       "eval.prompts=[]", "eval.samples_per_caption=0", "logger.wandb=false", "trainer.progress_bar=false",
-                       "trainer.log_every_n_steps=1", "trainer.max_steps=4", "ema.every_n_steps=1", "optim.lr=1e-3",
-                       f"data.shards='{small_shapes}/train-{{000000..000003}}.tar'"], cwd))
-        runs[strategy] = cwd / "runs" / "tiny_cpu" / "main"
-    losses = {}
-    for strategy, run_dir in runs.items():
-        with open(run_dir / "metrics.csv", newline="") as handle:
-            losses[strategy] = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
-    assert len(losses["fsdp"]) == 4 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-3)
-    fsdp, ddp = (read_lightning_checkpoint(run_dir / "checkpoints" / "last")["state_dict"] for run_dir in runs.values())
+    runs = train_under_fsdp_and_ddp(tmp_path, [
+        "model.depth=2", f"model.weights={root / 'base.ckpt'}", f"text.weights={root / 'text'}", *ADAPTER,
+        "trainer.precision=bf16-mixed", "data.batch_size=4", "data.num_workers=0", "data.val_shards=null",
+        "eval.prompts=[]", "eval.samples_per_caption=0", "logger.wandb=false", "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1", "trainer.max_steps=4", "ema.every_n_steps=1", "optim.lr=1e-3",
+        f"data.shards='{small_shapes}/train-{{000000..000003}}.tar'"])
+    (fsdp_losses, fsdp), (ddp_losses, ddp) = runs["fsdp"], runs["ddp"]
+    assert len(fsdp_losses) == 4 and fsdp_losses == pytest.approx(ddp_losses, rel=1e-3)
     text = [key for key in ddp if key.startswith(("text.", "text_ema.shadow."))]
     assert text and all(".lora_" in key for key in text) and set(text) <= set(fsdp)
     assert any(ddp[key].abs().max() > 0 for key in text if ".lora_B." in key)

@@ -86,6 +86,7 @@ def test_sample_cli_writes_pngs_and_manifest(trained_run, tmp_path):
     assert all((out / r["file"]).is_file() for r in records)
 
 
+@pytest.mark.slow  # about 20 s; the guidance itself is checked against diffusers in the unit tests
 def test_sample_cli_applies_skip_layer_guidance_and_checks_it(trained_run, tmp_path):
     checkpoint = f"checkpoint={trained_run / 'checkpoints' / 'step-0000020'}"
     common = ["prompts=[a red circle on a white background]", "seeds=[5]", "num_steps=4"]

@@ -36,7 +36,7 @@ def history_steps(path: Path) -> list[int]:
     return [step for step, _ in history_rows(path)]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])  # fsdp: 17 s more
 def test_resumed_run_has_the_same_wandb_id_and_continues_its_steps(small_shapes, tmp_path, strategy):
     _train(small_shapes, tmp_path, 3, f"strategy={strategy}")
     _train(small_shapes, tmp_path, 6, f"strategy={strategy}")

@@ -103,3 +103,24 @@ def assert_export_holds_the_ema(run_dir: Path, out: Path) -> None:
     name = "model.diffusion_model.x_embedder.proj.weight"
     assert name in exported
     torch.testing.assert_close(exported[name].float(), consolidated["ema.shadow.x_embedder.proj.weight"].float())
+
+
+def train_under_fsdp_and_ddp(root: Path, args: list[str]) -> dict[str, tuple[list[float], dict]]:
+    """Two 2-rank `sd3train-train experiment=tiny_cpu` runs with `args`, one under fsdp and one under
+    ddp, each in its own folder under `root`: {strategy: (its per-step train/loss, its last checkpoint's
+    state dict)}."""
+    import csv
+
+    from sd3train.checkpoint.files import read_lightning_checkpoint
+
+    results = {}
+    for strategy in ("fsdp", "ddp"):
+        cwd = root / strategy
+        cwd.mkdir()
+        finish(launch([str(BIN / "sd3train-train"), "experiment=tiny_cpu", f"strategy={strategy}", "trainer.devices=2",
+                       *args], cwd))
+        run_dir = cwd / "runs" / "tiny_cpu" / "main"
+        with open(run_dir / "metrics.csv", newline="") as handle:
+            losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+        results[strategy] = (losses, read_lightning_checkpoint(run_dir / "checkpoints" / "last")["state_dict"])
+    return results
