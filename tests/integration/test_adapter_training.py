@@ -18,16 +18,13 @@ from sd3train.export import export
 from sd3train.train import fit, run_dir_of
 from sd3train.tools.make_concept import write_concept_folder
 from tests.support.checkpoints import write_training_checkpoint
-from tests.support.config import tiny_config
+from tests.support.config import adapter_run_config
 
 ADAPTER = ["adapter=lora", "adapter.rank=4", "adapter.alpha=8", "adapter.targets=[attention,mlp]"]
 
 
 def adapter_config(shapes: Path, root: Path, base: Path, *overrides: str):
-    return tiny_config(shapes, root / "runs", "model.depth=2", f"model.weights={base}", *ADAPTER,
-                       "data.batch_size=4", "data.val_shards=null", "eval.prompts=[]", "eval.samples_per_caption=0",
-                       "logger.wandb=false", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
-                       "trainer.checkpoint_every_n_steps=2", "optim.lr=1e-2", *overrides)
+    return adapter_run_config(shapes, root, base, ADAPTER, *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from sd3train.model.adapters import adapter_state_dict, base_state_dict
 from sd3train.paths import resolve_repo_path
 from sd3train.train import fit, run_dir_of
 from tests.support.checkpoints import write_training_checkpoint
-from tests.support.config import tiny_config
+from tests.support.config import adapter_run_config
 from tests.support.reference_models import relative_error, text_config
 
 ADAPTER = ["adapter=lora", "adapter.rank=4", "adapter.alpha=8", "adapter.targets=[attention]",
@@ -32,11 +32,8 @@ TEXT_ADAPTER_TENSORS = 2 * 4 * 2
 
 
 def text_adapter_config(shapes: Path, root: Path, *overrides: str):
-    return tiny_config(shapes, root / "runs", "model.depth=2", f"model.weights={root / 'base.ckpt'}",
-                       f"text.weights={root / 'text'}", *ADAPTER, "data.batch_size=4", "data.val_shards=null",
-                       "eval.prompts=[]", "eval.samples_per_caption=0", "logger.wandb=false",
-                       "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=2",
-                       "optim.lr=1e-2", "optim.warmup_steps=0", *overrides)
+    return adapter_run_config(shapes, root, root / "base.ckpt", [f"text.weights={root / 'text'}", *ADAPTER],
+                              "optim.warmup_steps=0", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -30,3 +30,12 @@ def tiny_config(shapes: Path, runs_dir: Path, *overrides: str) -> TrainConfig:
     defaults = [f"{key}={value}" for key, value in shards.items() if key not in given]
     return compose_config("experiment=tiny_cpu", *defaults, f"paths.runs_dir={runs_dir}", "data.num_workers=0",
                           *overrides)
+
+
+def adapter_run_config(shapes: Path, root: Path, base: Path, adapter: list[str], *overrides: str) -> TrainConfig:
+    """A tiny 2-block adapter run (`adapter` overrides) on the base checkpoint `base`, writing under
+    `root`/runs: batch 4, lr 1e-2, a checkpoint every 2 steps, nothing sampled, metrics every step."""
+    return tiny_config(shapes, root / "runs", "model.depth=2", f"model.weights={base}", *adapter,
+                       "data.batch_size=4", "data.val_shards=null", "eval.prompts=[]", "eval.samples_per_caption=0",
+                       "logger.wandb=false", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
+                       "trainer.checkpoint_every_n_steps=2", "optim.lr=1e-2", *overrides)
