@@ -3,6 +3,8 @@
 #                # train the embedded default (experiment=shapes_cpu)
 #   make test    # create/refresh .venv, run the test suite (slow tests excluded)
 #   make lora    # after make train: teach its checkpoint the star with a LoRA (experiment=lora_tiny_cpu)
+#   make compose # the compositional world's shards and cache, then experiment=tiny_compose_cpu (README,
+#                # "Evaluate a model"), its plot in runs/tiny_compose_cpu/main/eval_curves.png
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: env data train lora test test-all clean-runs
+.PHONY: env data train lora compose-data compose test test-all clean-runs
 
 env: $(STAMP)
 
@@ -41,6 +43,18 @@ lora: $(STAMP)
 	@test -e $(BASE_CHECKPOINT) || { echo "make lora: $(BASE_CHECKPOINT) is missing: run make train first" >&2; exit 1; }
 	$(BIN)/python -m sd3train.tools.make_concept --out data/concepts/star
 	WANDB_SILENT=true $(BIN)/sd3train-train experiment=lora_tiny_cpu $(ARGS)
+
+# Several shapes per image, captioned in six categories (sd3train/data/scenes.py); 8192 training images.
+compose-data: $(STAMP)
+	$(BIN)/python -m sd3train.tools.make_shapes --world compose --out data/compose --train 8192
+	for shards in 'train-{000000..000015}' val-000000; do \
+		$(BIN)/sd3train-precompute --out data/compose_cache experiment=tiny_compose_cpu data.cached=false \
+			"data.shards=data/compose/$$shards.tar" || exit 1; \
+	done
+
+compose: compose-data
+	WANDB_SILENT=true $(BIN)/sd3train-train experiment=tiny_compose_cpu $(ARGS)
+	$(BIN)/python -m sd3train.tools.plot_eval runs/tiny_compose_cpu/main
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

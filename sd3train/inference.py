@@ -73,6 +73,57 @@ def decode_to_uint8(vae: nn.Module, latents: torch.Tensor) -> list[np.ndarray]:
     return [image.permute(1, 2, 0).cpu().numpy() for image in images]  # (H, W, 3) each
 
 
+def rank_chunks(count: int, batch_size: int, rank: int, world_size: int) -> list[range]:
+    """The prompt chunks (consecutive `batch_size` indices of `count`) rank `rank` samples: every
+    `world_size`-th chunk. A chunk is sampled as one batch whatever the rank count, so an image is
+    the same on 1 rank as on 8."""
+    chunks = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    return chunks[rank::world_size]
+
+
+@torch.no_grad()
+def generate_images(
+    model: nn.Module,
+    text: nn.Module,
+    vae: nn.Module,
+    prompts: list[str],
+    seeds: list[int],
+    latent_shape: tuple[int, int, int],
+    sampler: SamplerConfig,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    lockstep: bool = False,
+) -> list[np.ndarray] | None:
+    """Images for `prompts` (one seed each) sampled over `world_size` ranks, each its share of chunks
+    (`rank_chunks`), gathered in prompt order on rank 0; other ranks get None. Every rank calls it.
+
+    `lockstep`: the weights are sharded (FSDP2, ZeRO-3) and each forward gathers them from all ranks,
+    so every rank runs as many chunks as the busiest one, a rank out of chunks sampling a stand-in
+    (its first chunk, or the first of all) that it drops.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    mine = rank_chunks(len(prompts), batch_size, rank, world_size)
+    rounds = len(rank_chunks(len(prompts), batch_size, 0, world_size)) if lockstep else len(mine)
+    stand_in = (mine or rank_chunks(len(prompts), batch_size, 0, world_size))[:1]
+    images: dict[int, np.ndarray] = {}
+    for index in range(rounds):
+        chunk = mine[index] if index < len(mine) else stand_in[0]
+        latents = generate_latents(model, text, [prompts[i] for i in chunk], [seeds[i] for i in chunk],
+                                   latent_shape, sampler)
+        if index < len(mine):
+            images.update(zip(chunk, decode_to_uint8(vae, latents)))
+    if world_size > 1:
+        gathered: list[dict] | None = [{} for _ in range(world_size)] if rank == 0 else None
+        torch.distributed.gather_object(images, gathered, dst=0)
+        if rank != 0:
+            return None
+        images = {index: image for part in gathered for index, image in part.items()}
+    return [images[index] for index in range(len(prompts))]
+
+
 def write_grid(path: Path, images: list[np.ndarray], columns: int) -> Path:
     """One PNG of `images` (each (H, W, 3) uint8, all one size) in rows of `columns`, row-major;
     the last row is padded with black."""

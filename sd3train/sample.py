@@ -46,20 +46,33 @@ def default_out_dir(checkpoint: Path) -> Path:
     return checkpoint.parent.parent / "samples" / checkpoint.stem
 
 
+def sampler_settings(cfg, args: dict, on_error):
+    """The run's diffusion.sampler with the arguments' sampler keys over it, checked; `on_error`
+    gets the message of what is wrong."""
+    import dataclasses
+
+    from sd3train.config.typed import ConfigError, build_typed
+    from sd3train.config.validate import skip_layer_problems
+
+    values = {**dataclasses.asdict(cfg.diffusion.sampler), **{k: args[k] for k in SAMPLER_KEYS if k in args}}
+    sampler, problems = build_typed(type(cfg.diffusion.sampler), values)
+    if not problems:
+        problems = skip_layer_problems(sampler, cfg.model.depth)
+    if problems:
+        on_error(str(ConfigError(problems)))
+    return sampler
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_key_values(argv, prog=PROG, allowed=ALLOWED, required=("checkpoint",))
     checkpoint_path = Path(args["checkpoint"])
     if not checkpoint_path.exists():
         _fail(f"checkpoint {checkpoint_path} does not exist")
 
-    import dataclasses
-
     import torch
 
     from sd3train.checkpoint import CheckpointError
     from sd3train.checkpoint.training import read_training_checkpoint
-    from sd3train.config.typed import ConfigError, build_typed
-    from sd3train.config.validate import skip_layer_problems
     from sd3train.inference import decode_to_uint8, generate_latents, write_samples
     from sd3train.lit.restore import restore_module
 
@@ -69,13 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointError as error:
         _fail(str(error))
     cfg = checkpoint.config
-    sampler_values = {**dataclasses.asdict(cfg.diffusion.sampler), **{k: args[k] for k in SAMPLER_KEYS if k in args}}
-    sampler, problems = build_typed(type(cfg.diffusion.sampler), sampler_values)
-    if not problems:
-        problems = skip_layer_problems(sampler, cfg.model.depth)
-    if problems:
-        _fail(str(ConfigError(problems)))
-    cfg.diffusion.sampler = sampler
+    cfg.diffusion.sampler = sampler_settings(cfg, args, _fail)
 
     if "prompt_file" in args:
         prompts = [line.strip() for line in Path(args["prompt_file"]).read_text().splitlines() if line.strip()]

@@ -28,6 +28,9 @@ class TrainingCheckpoint:
     state_dict: dict
     config: TrainConfig
     extra: dict = field(default_factory=dict)  # other sd3train_* entries (the adapter's base record)
+    step: int | None = None  # the optimizer step it was saved at
+    # The eval section as the run had it (config.eval has its metric suite off: see below).
+    eval_settings: dict = field(default_factory=dict)
 
     def has(self, component: str) -> bool:
         prefix = LIGHTNING_PREFIXES[component]
@@ -70,6 +73,10 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     plain["paths"] = {**plain.get("paths", {}), "pretrained": None}
     # Nor does the image folder it trained on (data=folder) or its class images.
     plain["data"] = {**plain.get("data", {}), "path": None, "class_images": None}
+    # Nor do the metric suite's files (Inception, OpenCLIP, reference): sd3train-eval checks the
+    # settings it uses, from `eval_settings` and its own arguments.
+    eval_settings = dict(plain.get("eval", {}))
+    plain["eval"] = {**eval_settings, "suite": [], "every_n_steps": 0}
     # How the training machine ran the MM-DiT is no property of its weights: the attention kernel it
     # chose may not exist where the checkpoint is read (cudnn on a CPU), and compilation is that
     # machine's call. Older configs' activation_checkpointing true/false are read by load_config.
@@ -92,4 +99,4 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     except ConfigError as error:
         raise CheckpointError(f"the training config stored in {path} is invalid: {error}") from error
     extra = {key: value for key, value in checkpoint.items() if key == "sd3train_adapter_base"}
-    return TrainingCheckpoint(path, state_dict, config, extra)
+    return TrainingCheckpoint(path, state_dict, config, extra, checkpoint.get("global_step"), eval_settings)

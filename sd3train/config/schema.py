@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sd3train.config.adapter_schema import AdapterConfig
+from sd3train.config.eval_schema import EvalConfig
 
 
 # model.float8: no float8, or torchao's recipes (sd3train/model/float8.py).
@@ -279,22 +280,6 @@ class EMAConfig:
     # memory traffic (the EMA reads and writes every weight). 10: at depth 4 on the CPU an update
     # cost 5.0 ms, 3% of a 155 ms step; every 10 steps it is 0.3% (README, Performance).
     every_n_steps: int = 10
-
-
-@dataclass
-class EvalConfig:
-    """End-of-run evaluation and periodic sample grids."""
-
-    prompts: list[str] = field(default_factory=list)
-    # >0: at the end, sample every caption of the shapes grammar this many times and log
-    # eval/colour_adherence and eval/shape_adherence (seeds from seed + 100000: not the previews').
-    samples_per_caption: int = 0
-    # Shapes outside the grammar a finetune teaches (data.shapes.NEW_SHAPES, e.g. [star]): their
-    # captions are sampled too, and scored as eval/concept/<shape> (sd3train/eval/shapes_suite.py).
-    new_shapes: list[str] = field(default_factory=list)
-    seed: int = 1_000_000  # seeds from here on are never used by training
-    sample_every_n_steps: int = 0  # 0: only at the end
-    num_sample_prompts: int = 8
 
 
 @dataclass

@@ -13,9 +13,10 @@ from sd3train.config.schema import FLOAT8_RECIPES, SamplerConfig, TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
 from sd3train.config.validate_adapter import text_adapter_problems
 from sd3train.config.validate_data import data_problems
+from sd3train.config.validate_eval import eval_problems
 from sd3train.config.validate_training import strategy_problems, trainer_problems
 from sd3train.data.cache_info import training_cache_problems
-from sd3train.data.shapes import NEW_SHAPES, all_specs
+from sd3train.data.shapes import all_specs
 from sd3train.paths import resolve_repo_path
 from sd3train.runtime.lr_schedule import SCHEDULES
 
@@ -272,12 +273,7 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"logger.wandb_mode: {cfg.logger.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}")
     problems.extend(missing_weight_paths(cfg))
     problems.extend(training_cache_problems(cfg))
-    if cfg.eval.samples_per_caption < 0:
-        problems.append(f"eval.samples_per_caption: must be >= 0, got {cfg.eval.samples_per_caption}")
-    unknown_shapes = [shape for shape in cfg.eval.new_shapes if shape not in NEW_SHAPES]
-    if unknown_shapes:
-        problems.append(f"eval.new_shapes: {unknown_shapes} are not among the new shapes {list(NEW_SHAPES)} "
-                        "(sd3train/data/shapes.py)")
+    problems.extend(eval_problems(cfg.eval))
     return problems
 
 

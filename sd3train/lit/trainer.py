@@ -21,6 +21,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from sd3train.config.schema import TrainConfig
 from sd3train.lit.callbacks import DataMetrics, PreviewAndEvaluate, StepProgressBar
+from sd3train.lit.evaluation import SuiteEvaluation
 from sd3train.lit.checkpointing import AtomicCheckpoint
 from sd3train.lit.class_images import GenerateClassImages
 from sd3train.lit.denormals import FlushDenormals
@@ -73,6 +74,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.C
             tuple(cfg.eval.new_shapes),
         ),
     ]
+    if cfg.eval.suite and cfg.eval.every_n_steps:  # FID, KID, CLIP score, compositional
+        callbacks.append(SuiteEvaluation(cfg.eval, run_dir))
     if cfg.data.class_images is not None:  # prior preservation: class images drawn before training
         callbacks.insert(0, GenerateClassImages(cfg))
     callbacks.append(FlushDenormals())

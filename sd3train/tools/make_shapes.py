@@ -1,12 +1,14 @@
-"""Write the embedded "coloured shapes" dataset as webdataset shards.
+"""Write the embedded "coloured shapes" dataset (or the multi-object "compose" world) as webdataset shards.
 
     python -m sd3train.tools.make_shapes --out data/shapes
     python -m sd3train.tools.make_shapes --out /tmp/shapes --train 1024 --val 64 --size 32
+    python -m sd3train.tools.make_shapes --world compose --out data/compose    # sd3train.data.scenes
 
 Produces `train-000000.tar ...` (train indices 0..N-1 of seed S), `val-000000.tar ...` (indices
 0..M-1 of seed S + VAL_SEED_OFFSET, so validation images are held out), PNG by default, and
-`manifest.json`. The output is byte-identical on every machine. Re-running with the same arguments
-checks the manifest and the shards' sha256 and returns at once; different arguments rebuild.
+`manifest.json`, whose sources name the generator module. The output is byte-identical on every
+machine. Re-running with the same arguments checks the manifest and the shards' sha256 and returns
+at once; different arguments (another world among them) rebuild.
 """
 
 from __future__ import annotations
@@ -14,21 +16,28 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
+from sd3train.data.scenes import make_scene_sample
 from sd3train.data.shapes import make_sample
 from sd3train.data.tar_writer import read_manifest, verify_shards, write_shards
 
 # Validation samples come from another base seed: the same indices give different images.
 VAL_SEED_OFFSET = 1_000_000
+# Each world: the module that draws it (recorded in the manifest) and its (seed, index, size) -> (image, caption).
+WORLDS: dict[str, tuple[str, Callable]] = {
+    "shapes": ("sd3train.data.shapes", make_sample),
+    "compose": ("sd3train.data.scenes", make_scene_sample),
+}
 
 
-def _source(seed: int, count: int, size: int, samples_per_shard: int, image_format: str) -> dict:
+def _source(seed: int, count: int, size: int, samples_per_shard: int, image_format: str,
+            world: str = "shapes") -> dict:
     """What the manifest records for one split; a re-run compares it to decide whether to rebuild."""
     return {
-        "generator": "sd3train.data.shapes",
+        "generator": WORLDS[world][0],
         "seed": seed,
         "count": count,
         "size": size,
@@ -37,9 +46,10 @@ def _source(seed: int, count: int, size: int, samples_per_shard: int, image_form
     }
 
 
-def _samples(split: str, seed: int, count: int, size: int) -> Iterator[tuple]:
+def _samples(split: str, seed: int, count: int, size: int, world: str = "shapes") -> Iterator[tuple]:
+    make = WORLDS[world][1]
     for index in range(count):
-        image, caption = make_sample(seed, index, size)
+        image, caption = make(seed, index, size)
         extra = {"index": index, "seed": seed, "split": split, "caption": caption, "width": size, "height": size}
         yield f"{split}-{index:09d}", image, caption, extra
 
@@ -52,12 +62,16 @@ def build_shapes(
     seed: int = 0,
     samples_per_shard: int = 512,
     image_format: str = "png",
+    world: str = "shapes",
 ) -> bool:
-    """Write the dataset into `out`; returns False when it was already up to date (nothing written)."""
+    """Write the dataset of `world` (a key of WORLDS) into `out`; returns False when it was already up
+    to date (nothing written)."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; expected one of {sorted(WORLDS)}")
     out = Path(out)
     splits = {
-        "train": _source(seed, train, size, samples_per_shard, image_format),
-        "val": _source(seed + VAL_SEED_OFFSET, val, size, samples_per_shard, image_format),
+        "train": _source(seed, train, size, samples_per_shard, image_format, world),
+        "val": _source(seed + VAL_SEED_OFFSET, val, size, samples_per_shard, image_format, world),
     }
     manifest = read_manifest(out)
     if manifest is not None and all(manifest.get("sources", {}).get(split) == source for split, source in splits.items()):
@@ -66,7 +80,7 @@ def build_shapes(
             return False
     for split, source in splits.items():
         write_shards(
-            _samples(split, source["seed"], source["count"], size),
+            _samples(split, source["seed"], source["count"], size, world),
             out,
             prefix=split,
             samples_per_shard=samples_per_shard,
@@ -79,6 +93,8 @@ def build_shapes(
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--world", choices=tuple(WORLDS), default="shapes",
+                        help="one shape per image (shapes) or several, with the compose grammar (compose)")
     parser.add_argument("--train", type=int, default=4096, help="number of training samples")
     parser.add_argument("--val", type=int, default=256, help="number of validation samples")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
@@ -92,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     start = time.perf_counter()
     wrote = build_shapes(
-        args.out, args.train, args.val, args.size, args.seed, args.samples_per_shard, args.image_format
+        args.out, args.train, args.val, args.size, args.seed, args.samples_per_shard, args.image_format, args.world
     )
     seconds = time.perf_counter() - start
     manifest = read_manifest(args.out) or {"shards": []}

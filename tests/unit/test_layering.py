@@ -23,7 +23,7 @@ LAYERS = (
     ("model", ("sd3train.model", "sd3train.diffusion", "sd3train.eval", "sd3train.inference")),
     ("checkpoint", ("sd3train.checkpoint",)),
     ("lit", ("sd3train.lit",)),
-    ("entry", ("sd3train.train", "sd3train.sample", "sd3train.export", "sd3train.submit", "sd3train.cli",
+    ("entry", ("sd3train.train", "sd3train.sample", "sd3train.evaluate", "sd3train.export", "sd3train.submit", "sd3train.cli",
                "sd3train.curation", "sd3train.tools", "sd3train.bench")),
 )
 
