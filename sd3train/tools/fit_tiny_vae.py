@@ -260,8 +260,12 @@ def write_conf_yaml(path: Path, cfg: VAEConfig, report: dict) -> None:
 # judged on 300 scenes per category by check_compose_scorer (lowest share of the six categories):
 # 2300 steps gave 0.987 (0.983 with 30% of them at 32 px), 4000 gave 1.000 everywhere.
 WORLD_DEFAULTS = {
-    "shapes": dict(steps=2300, low_res_fraction=0.6, lr=2e-3, eval_images=64),
-    "compose": dict(steps=4000, low_res_fraction=0.6, lr=2e-3, shapes_share=0.2, eval_images=100),
+    "shapes": dict(steps=2300, low_res_fraction=0.6, lr=2e-3, eval_images=64,
+                   block_out_channels=TINY["block_out_channels"]),
+    # Downsampling 4 (a 16x16 latent at 64 px), so the compose world's small objects span 5 to 6.5
+    # latent cells (data/vae_compose, conf/vae/tiny_compose.yaml).
+    "compose": dict(steps=4000, low_res_fraction=0.6, lr=2e-3, shapes_share=0.2, eval_images=100,
+                    block_out_channels=[16, 32, 64]),
 }
 
 
@@ -280,8 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shapes-share", type=float, default=None,
                         help="compose: share of the fit images that are one-object shapes images")
     parser.add_argument("--kl-weight", type=float, default=1e-6)
-    parser.add_argument("--block-out-channels", type=int, nargs="+", default=TINY["block_out_channels"],
-                        help="encoder widths, one per level: n levels downsample by 2^(n-1)")
+    parser.add_argument("--block-out-channels", type=int, nargs="+", default=None,
+                        help="encoder widths, one per level: n levels downsample by 2^(n-1) "
+                             "(shapes 16 32 64 64, compose 16 32 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stats-images", type=int, default=1024)
