@@ -89,6 +89,7 @@ def test_sd3train_eval_gives_the_training_numbers_on_the_same_checkpoint(suite_r
         assert float(rows[0]["eval/fid"]) == pytest.approx(record["metrics"]["eval/fid"])
 
 
+@pytest.mark.slow  # 25 s; tests/unit/eval/test_fid.py covers the stats round trip in the default run
 def test_saved_reference_stats_give_the_same_fid_as_the_shards(suite_run, tmp_path):
     stats = tmp_path / "reference.pt"
     checkpoint = suite_run / "checkpoints" / "step-0000004"
@@ -108,7 +109,7 @@ def test_saved_reference_stats_give_the_same_fid_as_the_shards(suite_run, tmp_pa
 
 
 @pytest.mark.parametrize("argument, key", [("inception_weights=/nonexistent/pt_inception.pth", "eval.inception_weights"),
-                                           ("suite=[fid,lpips]", "eval.suite")])
+                                           pytest.param("suite=[fid,lpips]", "eval.suite", marks=pytest.mark.slow)])
 def test_a_bad_setting_fails_before_sampling_naming_the_key(suite_run, tmp_path, argument, key):
     out = tmp_path / "never.json"
     result = subprocess.run([str(BIN / "sd3train-eval"), f"checkpoint={suite_run / 'checkpoints' / 'last'}",
