@@ -137,3 +137,17 @@ def remove_leftovers(folder: Path, names: Iterable[str]) -> int:
             leftover.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """`payload` as indented JSON at `path`, whole or not at all (temporary file, fsync, rename)."""
+    import json
+
+    descriptor, temporary = temporary_file(path.parent, path.name)
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            sync(stream)
+        replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

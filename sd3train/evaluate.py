@@ -27,8 +27,6 @@ logged (sd3train/lit/evaluation.py). The JSON is written whole or not at all.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from pathlib import Path
 
@@ -79,21 +77,6 @@ def default_out(checkpoint_path: Path) -> Path:
 
     samples_dir = default_out_dir(checkpoint_path)  # <run dir>/samples/<checkpoint name>
     return samples_dir.parent.parent / "eval" / f"{samples_dir.name}.json"
-
-
-def write_json(path: Path, record: dict) -> None:
-    from sd3train.durable import replace, sync, temporary_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = temporary_file(path.parent, path.name)
-    try:
-        with os.fdopen(descriptor, "w") as stream:
-            json.dump(record, stream, indent=2)
-            stream.write("\n")
-            sync(stream)
-        replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def log_rows(cfg, out: Path, metrics: dict, step: int) -> None:
@@ -172,7 +155,10 @@ def evaluate(checkpoint, eval_cfg, args: dict, device: str) -> None:
               "sampler": dataclasses.asdict(checkpoint.config.diffusion.sampler),
               "ema": bool(args.get("ema", True)), "device": device, "grid": grid.name,
               "seconds": round(time.perf_counter() - started, 1)}
-    write_json(out, record)
+    from sd3train.durable import write_json_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, record)
     log_rows(checkpoint.config, out, metrics, step)
     for name, value in metrics.items():
         print(f"{name} = {value:.4f}")

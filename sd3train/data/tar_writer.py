@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 from PIL import Image
 
-from sd3train.durable import replace, sync, temporary_file
+from sd3train.durable import replace, sync, temporary_file, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -170,17 +170,6 @@ def read_manifest(out_dir: Union[str, Path]) -> Optional[dict[str, Any]]:
     return manifest
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    descriptor, temporary = temporary_file(path.parent, path.name)
-    try:
-        with os.fdopen(descriptor, "w") as stream:
-            stream.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-            sync(stream)
-        replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def verify_shards(out_dir: Union[str, Path], entries: list[dict], check_sha256: bool = True) -> list[str]:
     """Problems with the listed shards on disk (missing, wrong size, wrong hash); empty when all match."""
     problems = []
@@ -274,5 +263,5 @@ def write_shards(
         "shards": sorted(kept + entries, key=lambda entry: entry["name"]),
         "sources": sources,
     }
-    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return entries
