@@ -5,6 +5,8 @@
 #   make lora    # after make train: teach its checkpoint the star with a LoRA (experiment=lora_tiny_cpu)
 #   make compose # the compositional world's shards and cache, then experiment=tiny_compose_cpu (README,
 #                # "Evaluate a model"), its plot in runs/tiny_compose_cpu/main/eval_curves.png
+#   make study STUDY=sd3_table1   # a study of SD3's recipe (README, "Study the recipe"):
+#                # runs/studies/<study>/report.md
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +16,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: env data train lora compose-data compose test test-all clean-runs
+.PHONY: env data train lora compose-data compose study test test-all clean-runs
 
 env: $(STAMP)
 
@@ -55,6 +57,11 @@ compose-data: $(STAMP)
 compose: compose-data
 	WANDB_SILENT=true $(BIN)/sd3train-train experiment=tiny_compose_cpu $(ARGS)
 	$(BIN)/python -m sd3train.tools.plot_eval runs/tiny_compose_cpu/main
+
+# The studies train the embedded default on make data's cache (conf/study/*.yaml).
+STUDY ?= sd3_table1
+study: data
+	WANDB_SILENT=true $(BIN)/sd3train-study study=$(STUDY) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -139,15 +139,20 @@ def remove_leftovers(folder: Path, names: Iterable[str]) -> int:
     return removed
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    """`payload` as indented JSON at `path`, whole or not at all (temporary file, fsync, rename)."""
-    import json
-
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` at `path`, whole or not at all (temporary file, fsync, rename)."""
     descriptor, temporary = temporary_file(path.parent, path.name)
     try:
         with os.fdopen(descriptor, "w") as stream:
-            stream.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            stream.write(text)
             sync(stream)
         replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """`payload` as indented JSON at `path`, whole or not at all (temporary file, fsync, rename)."""
+    import json
+
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

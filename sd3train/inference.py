@@ -37,13 +37,15 @@ def generate_latents(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    context, pooled = text.encode(prompts)
+    removed = tuple(sampler.drop_encoders)
+    context, pooled = text.encode(prompts, without=removed) if removed else text.encode(prompts)
     uncond_context = uncond_pooled = None
     if sampler.guidance_scale != 1.0:
         if sampler.uncond == "zeros":  # what the per-encoder dropout trained as "no caption"
             uncond_context, uncond_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         else:
-            uncond_context, uncond_pooled = text.encode([""] * len(prompts))
+            empty = [""] * len(prompts)
+            uncond_context, uncond_pooled = text.encode(empty, without=removed) if removed else text.encode(empty)
         uncond_context, uncond_pooled = uncond_context.to(device, dtype), uncond_pooled.to(device, dtype)
     noise = initial_noise(seeds, latent_shape).to(device, dtype)
     skip_layers = list(sampler.skip_layers)

@@ -109,7 +109,7 @@ def _hydra_main(raw: DictConfig) -> None:
     # this module (under `python -m sd3train.train` it is pickled by value).
     preemption.install_handler()
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    if hydra_cfg.mode == RunMode.MULTIRUN and raw.paths.sweep_suffix:
         raw.run_name = sweep_run_name(raw.run_name, hydra_cfg.job.num, list(hydra_cfg.overrides.task))
     try:
         cfg = load_config(raw)

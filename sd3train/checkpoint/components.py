@@ -79,6 +79,10 @@ def _raise_if_any(problems: list[str], key: str, path: str) -> None:
 def mmdit_from_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> MMDiT:
     """The MM-DiT `cfg` describes, ready to train: holding the weights `cfg.weights` names, else
     randomly initialised."""
+    if cfg.architecture == "crossattn_dit":  # the architecture study's baseline (validation keeps it plain)
+        from sd3train.model.crossattn_dit import CrossAttentionDiT
+
+        return CrossAttentionDiT.from_config(cfg).to(dtype)
     if cfg.weights is None:
         return MMDiT.from_config(cfg).to(dtype)
     found, state, where, prefix = read_transformer(resolve_repo_path(cfg.weights), dtype)

@@ -23,6 +23,10 @@ class EvalConfig:
     # captions are sampled too, and scored as eval/concept/<shape> (sd3train/eval/shapes_suite.py).
     new_shapes: list[str] = field(default_factory=list)
     seed: int = 1_000_000  # seeds from here on are never used by training
+    # Text encoders (some of clip_l, clip_g, t5) to measure without as well: the end-of-run
+    # adherence and the suite run again with them removed at sampling (diffusion.sampler.drop_encoders),
+    # logged as eval/without_<names>/<metric> (e.g. eval/without_t5/shape_adherence).
+    without_encoders: list[str] = field(default_factory=list)
     sample_every_n_steps: int = 0  # 0: only at the end
     num_sample_prompts: int = 8
     # Image-quality and prompt-following metrics (sd3train/eval/suite.py), every `every_n_steps` in

@@ -38,6 +38,9 @@ class ModelConfig:
     qk_norm: Optional[str] = None  # None or "rms"
     dual_attention_layers: list[int] = field(default_factory=list)  # MMDiT-X extra image self-attention
     qkv_bias: bool = True
+    # "mmdit" (SD3's joint attention), or "crossattn_dit": the cross-attention DiT baseline of the
+    # architecture study (sd3train/model/crossattn_dit.py), for training from scratch only.
+    architecture: str = "mmdit"
     # What each joint block recomputes in the backward pass instead of keeping (torch.utils.checkpoint):
     # none; full (the whole block: about a third more compute, one block's activations instead of
     # `depth`); selective (keeps matmul and attention outputs, recomputes the cheap elementwise ops,
@@ -141,6 +144,10 @@ class TextConfig:
     t5_weights: Optional[str] = None
 
 
+# The three text encoders, in the order of the text conditioner's keep masks (model.text_encoders).
+TEXT_ENCODER_NAMES = ("clip_l", "clip_g", "t5")
+
+
 @dataclass
 class SamplerConfig:
     num_steps: int = 28
@@ -155,6 +162,9 @@ class SamplerConfig:
     skip_layer_scale: float = 0.0
     skip_layer_start: float = 0.01
     skip_layer_stop: float = 0.2
+    # Text encoders removed at sampling (some of clip_l, clip_g, t5): their context and pooled parts
+    # zeros, what the per-encoder dropout trains for; [t5] is SD3's T5-free inference.
+    drop_encoders: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -345,12 +355,17 @@ class LoggerConfig:
     wandb_mode: str = "offline"
     project: str = "sd3train"
     entity: Optional[str] = None
+    group: Optional[str] = None  # the W&B group of the run (sd3train-study: studies/<study>)
     csv: bool = True
 
 
 @dataclass
 class PathsConfig:
     runs_dir: str = "runs"
+    # In a multirun (-m), append the job number and a digest of its overrides to run_name
+    # (sd3train/paths.py: sweep_run_name); false where run_name is already one per job, as the
+    # runs of sd3train-study are (run_name='<arm>-seed${trainer.seed}').
+    sweep_suffix: bool = True
     # Released weights to start from (a Stability single file or a diffusers pipeline folder);
     # an experiment that finetunes sets it to '???', which makes it a required value.
     pretrained: Optional[str] = None

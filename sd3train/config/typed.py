@@ -55,6 +55,13 @@ def _check_value(value: Any, annotation: Any, key: str, problems: list[str]) -> 
             problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
             return None
         return [_check_value(item, item_type, f"{key}[{i}]", problems) for i, item in enumerate(value)]
+    if origin is dict:
+        key_type, item_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return None
+        return {_check_value(name, key_type, f"{key}.{name}", problems): _check_value(item, item_type, f"{key}.{name}", problems)
+                for name, item in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
             return value

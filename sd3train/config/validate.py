@@ -9,7 +9,7 @@ from typing import Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sd3train.config.adapter_schema import ADAPTER_KINDS, LORA_INITS
-from sd3train.config.schema import FLOAT8_RECIPES, SamplerConfig, TrainConfig
+from sd3train.config.schema import FLOAT8_RECIPES, TEXT_ENCODER_NAMES, SamplerConfig, TrainConfig
 from sd3train.config.typed import ConfigError, build_typed
 from sd3train.config.validate_adapter import text_adapter_problems
 from sd3train.config.validate_data import data_problems
@@ -94,10 +94,16 @@ def skip_layer_problems(sampler: SamplerConfig, depth: int, prefix: str = "") ->
         problems.append(f"{prefix}skip_layer_scale: must be >= 0, got {sampler.skip_layer_scale}")
     if sampler.skip_layer_scale > 0 and not sampler.skip_layers:
         problems.append(f"{prefix}skip_layer_scale: {sampler.skip_layer_scale} needs {prefix}skip_layers to name layers")
+    unknown = [name for name in sampler.drop_encoders if name not in TEXT_ENCODER_NAMES]
+    if unknown:
+        problems.append(f"{prefix}drop_encoders: unknown encoder(s) {unknown}; expected some of {list(TEXT_ENCODER_NAMES)}")
     if not 0.0 <= sampler.skip_layer_start < sampler.skip_layer_stop <= 1.0:
         problems.append(f"{prefix}skip_layer_start/stop: need 0 <= start < stop <= 1, got "
                         f"{sampler.skip_layer_start}, {sampler.skip_layer_stop}")
     return problems
+
+
+ARCHITECTURES = ("mmdit", "crossattn_dit")
 
 
 def model_option_problems(cfg: TrainConfig) -> list[str]:
@@ -115,6 +121,19 @@ def model_option_problems(cfg: TrainConfig) -> list[str]:
     elif model.attention_backend in CUDA_ONLY_ATTENTION_BACKENDS and cfg.trainer.accelerator == "cpu":
         problems.append(f"model.attention_backend: {model.attention_backend} attention needs a CUDA device, "
                         "trainer.accelerator is cpu (flash and math run on CPU)")
+    if model.architecture not in ARCHITECTURES:
+        problems.append(f"model.architecture: {model.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+    elif model.architecture != "mmdit":
+        # The study's baseline goes through the plain training path only.
+        unsupported = {"model.weights": model.weights is not None, "model.compile": bool(model.compile),
+                       "model.float8": model.float8 != "none", "model.dual_attention_layers": bool(model.dual_attention_layers),
+                       "model.activation_checkpointing": model.activation_checkpointing != "none",
+                       "model.pos_embed_random_crop": model.pos_embed_random_crop,
+                       "adapter": cfg.adapter.kind != "none", "strategy.name": cfg.strategy.name != "ddp",
+                       "diffusion.sampler.skip_layers": bool(cfg.diffusion.sampler.skip_layers)}
+        problems += [f"{key}: not available with model.architecture={model.architecture} (its baseline trains "
+                     "from scratch, uncompiled, under ddp, without adapters or skip-layer guidance)"
+                     for key, bad in unsupported.items() if bad]
     if model.float8 not in FLOAT8_RECIPES:
         problems.append(f"model.float8: {model.float8!r} is not one of {', '.join(FLOAT8_RECIPES)}")
     elif model.float8 != "none" and cfg.strategy.name == "deepspeed":

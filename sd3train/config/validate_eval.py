@@ -5,6 +5,7 @@ fails when the config is composed, not after training."""
 from __future__ import annotations
 
 from sd3train.config.eval_schema import EVAL_SUITES, EvalConfig
+from sd3train.config.schema import TEXT_ENCODER_NAMES
 from sd3train.data.shapes import NEW_SHAPES
 from sd3train.data.sources import missing_local_shards, resolve_shard_urls
 from sd3train.paths import resolve_repo_path
@@ -24,6 +25,9 @@ def eval_problems(eval_cfg: EvalConfig, *, need_reference: bool = True) -> list[
     if unknown_shapes:
         problems.append(f"eval.new_shapes: {unknown_shapes} are not among the new shapes {list(NEW_SHAPES)} "
                         "(sd3train/data/shapes.py)")
+    encoders = [name for name in eval_cfg.without_encoders if name not in TEXT_ENCODER_NAMES]
+    if encoders:
+        problems.append(f"eval.without_encoders: unknown encoder(s) {encoders}; expected some of {list(TEXT_ENCODER_NAMES)}")
     suite = list(eval_cfg.suite)
     unknown = [name for name in suite if name not in EVAL_SUITES]
     if unknown:

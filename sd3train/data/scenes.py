@@ -282,9 +282,13 @@ def render_scene(prompt: ScenePrompt, size: int, rng: random.Random) -> Image.Im
     return image
 
 
-def make_scene_sample(seed: int, index: int, size: int, category: str | None = None) -> tuple[Image.Image, str]:
+def make_scene_sample(seed: int, index: int, size: int, category: str | None = None,
+                      categories: tuple[str, ...] = CATEGORIES) -> tuple[Image.Image, str]:
     """Sample `index` of the compose world with base seed `seed`: (image, caption). The category is
-    drawn uniformly unless `category` names it."""
+    drawn uniformly from `categories` (all six by default) unless `category` names it."""
+    unknown = [name for name in categories if name not in CATEGORIES]
+    if unknown or not categories:
+        raise ValueError(f"unknown categories {unknown or categories!r}; expected some of {CATEGORIES}")
     rng = random.Random(f"scenes-{seed}-{index}")
-    prompt = random_prompt(category or CATEGORIES[rng.randrange(len(CATEGORIES))], rng)
+    prompt = random_prompt(category or categories[rng.randrange(len(categories))], rng)
     return render_scene(prompt, size, rng), prompt.caption

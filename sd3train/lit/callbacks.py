@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
+from sd3train.config.schema import SamplerConfig
 from sd3train.eval.shapes_suite import adherence_metrics, evaluation_prompts
 from sd3train.inference import decode_to_uint8, generate_latents, write_grid, write_samples
 
@@ -97,6 +99,17 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
 
+def without_encoders_sampler(sampler: SamplerConfig, removed: tuple[str, ...]) -> SamplerConfig:
+    """`sampler` that also removes the encoders `removed` (eval.without_encoders)."""
+    return dataclasses.replace(sampler, drop_encoders=sorted({*sampler.drop_encoders, *removed}))
+
+
+def renamed_without(metrics: dict[str, float], removed: tuple[str, ...]) -> dict[str, float]:
+    """eval/<name> -> eval/without_<encoders>/<name>."""
+    prefix = f"eval/without_{'_'.join(sorted(set(removed)))}/"
+    return {prefix + name.removeprefix("eval/"): value for name, value in metrics.items()}
+
+
 # The adherence evaluation's seeds start this far after the previews' (which start at eval.seed).
 EVAL_SEED_OFFSET = 100_000
 
@@ -112,23 +125,24 @@ class PreviewAndEvaluate(L.Callback):
     """
 
     def __init__(self, run_dir: Path, prompts: list[str], seed: int, every_n_steps: int, samples_per_caption: int,
-                 new_shapes: tuple[str, ...] = ()):
+                 new_shapes: tuple[str, ...] = (), without_encoders: tuple[str, ...] = ()):
         self.run_dir = run_dir
         self.prompts = prompts
         self.seed = seed
         self.every_n_steps = every_n_steps
         self.samples_per_caption = samples_per_caption
         self.new_shapes = tuple(new_shapes)
+        self.without_encoders = tuple(without_encoders)
 
     def _latent_shape(self, pl_module) -> tuple[int, int, int]:
         side = pl_module.cfg.data.resolution // pl_module.vae.downsample_factor
         return (pl_module.cfg.vae.latent_channels, side, side)
 
-    def _generate(self, pl_module, prompts: list[str], first_seed: int):
+    def _generate(self, pl_module, prompts: list[str], first_seed: int, sampler=None):
         seeds = [first_seed + index for index in range(len(prompts))]
         latents = generate_latents(
             pl_module.sampling_model, pl_module.sampling_text, prompts, seeds, self._latent_shape(pl_module),
-            pl_module.cfg.diffusion.sampler,
+            sampler or pl_module.cfg.diffusion.sampler,
         )
         return decode_to_uint8(pl_module.vae, latents), seeds
 
@@ -169,9 +183,15 @@ class PreviewAndEvaluate(L.Callback):
         prompts = evaluation_prompts(self.samples_per_caption, self.new_shapes)
         first_seed = self.seed + EVAL_SEED_OFFSET
         images, _ = self._generate(pl_module, prompts, first_seed)
+        fewer = None
+        if self.without_encoders:  # the same seeds again, the encoders removed (every sampling rank, in step)
+            sampler = without_encoders_sampler(pl_module.cfg.diffusion.sampler, self.without_encoders)
+            fewer, _ = self._generate(pl_module, prompts, first_seed, sampler)
         if not trainer.is_global_zero:
             return
         metrics = adherence_metrics(images, prompts, self.new_shapes)
+        if fewer is not None:
+            metrics.update(renamed_without(adherence_metrics(fewer, prompts, self.new_shapes), self.without_encoders))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()

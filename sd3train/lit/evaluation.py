@@ -19,18 +19,20 @@ from lightning.pytorch.loggers import WandbLogger
 
 from sd3train.config.eval_schema import EvalConfig
 from sd3train.eval.suite import MetricSuite, SuitePlan, suite_plan
+from sd3train.lit.callbacks import renamed_without, without_encoders_sampler
 from sd3train.inference import generate_images, write_grid
 
 GRID_COLUMNS = 16
 
 
 def sample_plan(module, eval_cfg: EvalConfig, plan: SuitePlan, *, rank: int = 0, world_size: int = 1,
-                lockstep: bool = False) -> list[np.ndarray] | None:
-    """The plan's images from `module`'s sampling weights (EMA when on), gathered on rank 0."""
+                lockstep: bool = False, sampler=None) -> list[np.ndarray] | None:
+    """The plan's images from `module`'s sampling weights (EMA when on), gathered on rank 0, with
+    `sampler` (default: the run's diffusion.sampler)."""
     cfg = module.cfg
     side = cfg.data.resolution // module.vae.downsample_factor
     return generate_images(module.sampling_model, module.sampling_text, module.vae, plan.prompts, plan.seeds,
-                           (cfg.vae.latent_channels, side, side), cfg.diffusion.sampler, eval_cfg.batch_size,
+                           (cfg.vae.latent_channels, side, side), sampler or cfg.diffusion.sampler, eval_cfg.batch_size,
                            rank=rank, world_size=world_size, lockstep=lockstep)
 
 
@@ -66,9 +68,17 @@ class SuiteEvaluation(L.Callback):
         started = time.perf_counter()
         images = sample_plan(pl_module, self.eval_cfg, self.plan, rank=trainer.global_rank,
                              world_size=trainer.world_size, lockstep=sharded_weights(trainer))
+        removed = tuple(self.eval_cfg.without_encoders)
+        fewer = None
+        if removed:  # the same prompts and seeds again, the encoders removed (every rank: it gathers)
+            fewer = sample_plan(pl_module, self.eval_cfg, self.plan, rank=trainer.global_rank, world_size=trainer.world_size,
+                                lockstep=sharded_weights(trainer),
+                                sampler=without_encoders_sampler(pl_module.cfg.diffusion.sampler, removed))
         if not trainer.is_global_zero:
             return
         metrics = self.suite.measure(images, self.plan)
+        if fewer is not None:
+            metrics.update(renamed_without(self.suite.measure(fewer, self.plan), removed))
         grid = write_suite_grid(self.run_dir / "samples" / f"suite-step-{step}.png", images)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step - 1)

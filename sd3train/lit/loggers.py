@@ -75,6 +75,7 @@ def build_loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 name=f"{cfg.experiment_name}/{cfg.run_name}",
+                group=cfg.logger.group,
                 id=wandb_run_id(run_dir),
                 resume="allow",
                 save_dir=str(run_dir),

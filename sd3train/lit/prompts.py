@@ -35,9 +35,9 @@ class CPUTextConditioner:
         """(B, 3) bool keeps, as `TextConditioner.dropout_keep_mask` draws them."""
         return sample_keep_mask(batch_size, self.dropout, generator)
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context, pooled) on the CPU, without dropout."""
-        return self.conditioner().encode(prompts)
+    def encode(self, prompts: list[str], without: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) on the CPU, without dropout (and without the encoders `without` names)."""
+        return self.conditioner().encode(prompts, without)
 
     def eval(self) -> "CPUTextConditioner":
         return self

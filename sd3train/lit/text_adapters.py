@@ -25,7 +25,8 @@ from sd3train.checkpoint.text_adapters import adapted_text_encoders_from_config
 from sd3train.checkpoint.tokenizer_files import config_tokenizers
 from sd3train.config.schema import TextConfig, TrainConfig
 from sd3train.lit.prompts import CPUTextConditioner
-from sd3train.model.text_encoders import ENCODER_NAMES, TextConditioner, encoder_outputs, prompt_tokenizers
+from sd3train.model.text_encoders import (ENCODER_NAMES, TextConditioner, encoder_outputs, prompt_tokenizers,
+                                          removal_keep_mask)
 
 
 class LiveTextConditioner(nn.Module):
@@ -48,8 +49,8 @@ class LiveTextConditioner(nn.Module):
     def dropout_keep_mask(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return self.cpu.dropout_keep_mask(batch_size, generator)
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_with(self.cpu.conditioner(), adapted_modules(self, self.tokenizers), prompts)
+    def encode(self, prompts: list[str], without: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_with(self.cpu.conditioner(), adapted_modules(self, self.tokenizers), prompts, without)
 
 
 def build_text(cfg: TrainConfig, frozen_dtype: torch.dtype) -> tuple[object, dict[str, str]]:
@@ -82,16 +83,17 @@ def adapted_outputs(text, names: Iterable[str], token_ids: dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def encode_with(base: TextConditioner, adapted: nn.ModuleDict, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_with(base: TextConditioner, adapted: nn.ModuleDict, prompts: list[str],
+                without: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """(context, pooled) of `prompts` without dropout, the encoders in `adapted` standing in for
-    `base`'s own (on whatever device they are); on `base`'s device."""
+    `base`'s own (on whatever device they are), those `without` names removed; on `base`'s device."""
     token_ids = base.tokenize(prompts)
     outputs = base.encode_tokens(token_ids, tuple(name for name in ENCODER_NAMES if name not in adapted))
     for name, encoder in adapted.items():
         device = next(encoder.parameters()).device
         found = encoder_outputs(name, encoder, token_ids[name].to(device))
         outputs.update({key: value.to(base.device) for key, value in found.items()})
-    return TextConditioner.assemble(outputs)
+    return TextConditioner.assemble(outputs, removal_keep_mask(len(prompts), tuple(without)))
 
 
 class SamplingText:
@@ -100,6 +102,6 @@ class SamplingText:
     def __init__(self, text, adapted: nn.ModuleDict):
         self.text, self.adapted = text, adapted
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: list[str], without: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.text.cpu.conditioner() if isinstance(self.text, LiveTextConditioner) else self.text
-        return encode_with(base, self.adapted, prompts)
+        return encode_with(base, self.adapted, prompts, without)

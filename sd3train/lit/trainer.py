@@ -71,7 +71,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, extra_callbacks: Sequence[L.C
         stop_on_preemption,
         PreviewAndEvaluate(
             run_dir, cfg.eval.prompts, cfg.eval.seed, cfg.eval.sample_every_n_steps, cfg.eval.samples_per_caption,
-            tuple(cfg.eval.new_shapes),
+            tuple(cfg.eval.new_shapes), tuple(cfg.eval.without_encoders),
         ),
     ]
     if cfg.eval.suite and cfg.eval.every_n_steps:  # FID, KID, CLIP score, compositional

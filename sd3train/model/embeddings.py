@@ -154,3 +154,30 @@ class TimestepEmbedder(MLPEmbedder):
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         features = timestep_frequencies(timesteps, self.frequency_dim)  # (B, 256) fp32
         return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+def add_embedders(model: nn.Module, in_channels: int, hidden_size: int, patch_size: int, pos_embed_max_size: int,
+                  sample_size: int, pooled_dim: int, context_dim: int) -> None:
+    """A denoiser's inputs, under the official checkpoints' names: x_embedder (patches), pos_embed
+    (the sin-cos table), t_embedder and y_embedder (timestep, pooled text), context_embedder."""
+    model.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
+    # Persistent: the official checkpoints store the table, and a loaded one must be used as is.
+    table = sincos_2d_table(hidden_size, pos_embed_max_size, base_size=sample_size // patch_size)
+    model.register_buffer("pos_embed", table.unsqueeze(0), persistent=True)  # (1, max*max, D)
+    model.t_embedder = TimestepEmbedder(hidden_size)
+    model.y_embedder = MLPEmbedder(pooled_dim, hidden_size)
+    model.context_embedder = nn.Linear(context_dim, hidden_size)
+
+
+@torch.no_grad()
+def xavier_init(model: nn.Module) -> None:
+    """DiT's init of a denoiser with an `x_embedder`: xavier Linears with zero bias, the patch
+    embedding as a Linear over flattened patches."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    weight = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)

@@ -27,14 +27,7 @@ from torch import nn
 
 from sd3train.model.activation_checkpointing import block_checkpointing, selective_checkpoint_contexts
 from sd3train.model.attention import ATTENTION_BACKENDS, Attention, joint_attention, sdpa_backends
-from sd3train.model.embeddings import (
-    MLPEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
-    crop_pos_embed,
-    crop_pos_embed_at,
-    sincos_2d_table,
-)
+from sd3train.model.embeddings import add_embedders, crop_pos_embed, crop_pos_embed_at, xavier_init
 
 # The released models take the timestep as 1000 * t.
 TIMESTEP_SCALE = 1000.0
@@ -247,13 +240,8 @@ class MMDiT(nn.Module):
         # Read at every forward, so it can be changed on a built model.
         self.attention_backend = attention_backend
 
-        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
-        # Persistent: the official checkpoints store the table, and a loaded one must be used as is.
-        table = sincos_2d_table(hidden_size, pos_embed_max_size, base_size=sample_size // patch_size)
-        self.register_buffer("pos_embed", table.unsqueeze(0), persistent=True)  # (1, max*max, D)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = MLPEmbedder(pooled_dim, hidden_size)
-        self.context_embedder = nn.Linear(context_dim, hidden_size)
+        add_embedders(self, in_channels, hidden_size, patch_size, pos_embed_max_size, sample_size, pooled_dim,
+                      context_dim)
         self.joint_blocks = nn.ModuleList(
             JointBlock(
                 hidden_size,
@@ -312,14 +300,7 @@ class MMDiT(nn.Module):
 
         The zeroed modulations make every block start as the identity and the output exactly 0.
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # as a Linear over flattened patches
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        xavier_init(self)
         for module in self.modules():
             if isinstance(module, (StreamBlock, FinalLayer)):
                 nn.init.zeros_(module.adaLN_modulation[-1].weight)

@@ -31,11 +31,11 @@ from transformers import (
     T5EncoderModel,
 )
 
-from sd3train.config.schema import CLIPEncoderConfig, T5EncoderConfig, TextConfig
+from sd3train.config.schema import TEXT_ENCODER_NAMES, CLIPEncoderConfig, T5EncoderConfig, TextConfig
 from sd3train.model.tokenizers import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, PromptTokenizer
 from sd3train.runtime.rng import derive_seed
 
-ENCODER_NAMES = ("clip_l", "clip_g", "t5")  # order of the columns of a keep mask
+ENCODER_NAMES = TEXT_ENCODER_NAMES  # ("clip_l", "clip_g", "t5"): the order of the columns of a keep mask
 # Real CLIP checkpoints have 77 positions; the table stays that size when prompts are shorter.
 CLIP_MAX_POSITIONS = 77
 _T5_VOCAB_MULTIPLE = 128  # T5 rounds its embedding rows up (32,100 tokens -> 32,128 rows)
@@ -122,6 +122,20 @@ def sample_keep_mask(
     # The thresholds as Python numbers (each the float32 1 - p): a tensor of them would be a host copy.
     keep_probability = [float(np.float32(1.0) - np.float32(p)) for p in dropout]
     return torch.stack([draws[:, k] < keep for k, keep in enumerate(keep_probability)], dim=1)  # (B, 3)
+
+
+def removal_keep_mask(batch_size: int, removed: tuple[str, ...]) -> torch.Tensor | None:
+    """(B, 3) bool keeps with the encoders `removed` (names of ENCODER_NAMES) False everywhere:
+    sampling without them, as SD3 drops T5 at inference (its context part zeros). None when none is."""
+    unknown = [name for name in removed if name not in ENCODER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown text encoder(s) {unknown}; expected some of {ENCODER_NAMES}")
+    if not removed:
+        return None
+    keep = torch.ones(batch_size, len(ENCODER_NAMES), dtype=torch.bool)
+    for name in removed:
+        keep[:, ENCODER_NAMES.index(name)] = False
+    return keep
 
 
 def encoder_outputs(name: str, encoder: nn.Module, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -271,9 +285,10 @@ class TextConditioner(nn.Module):
         keep = sample_keep_mask(batch_size, self.dropout, generator)
         return keep if device is None else keep.to(device)
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context, pooled) without dropout: sampling and evaluation."""
-        return self.assemble(self.encode_per_encoder(prompts))
+    def encode(self, prompts: list[str], without: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, pooled) without dropout: sampling and evaluation; the encoders `without` names
+        removed (`removal_keep_mask`)."""
+        return self.assemble(self.encode_per_encoder(prompts), removal_keep_mask(len(prompts), tuple(without)))
 
     def forward(
         self, prompts: list[str], generator: torch.Generator | None = None

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
-from sd3train.data.scenes import make_scene_sample
+from sd3train.data.scenes import CATEGORIES, make_scene_sample
 from sd3train.data.shapes import make_sample
 from sd3train.data.tar_writer import read_manifest, verify_shards, write_shards
 
@@ -34,9 +34,10 @@ WORLDS: dict[str, tuple[str, Callable]] = {
 
 
 def _source(seed: int, count: int, size: int, samples_per_shard: int, image_format: str,
-            world: str = "shapes") -> dict:
+            world: str = "shapes", categories: tuple[str, ...] = ()) -> dict:
     """What the manifest records for one split; a re-run compares it to decide whether to rebuild."""
-    return {
+    # Recorded only when given, so the manifests of the whole world stay as they were.
+    return {**({"categories": list(categories)} if categories else {}),
         "generator": WORLDS[world][0],
         "seed": seed,
         "count": count,
@@ -46,10 +47,11 @@ def _source(seed: int, count: int, size: int, samples_per_shard: int, image_form
     }
 
 
-def _samples(split: str, seed: int, count: int, size: int, world: str = "shapes") -> Iterator[tuple]:
+def _samples(split: str, seed: int, count: int, size: int, world: str = "shapes",
+             categories: tuple[str, ...] = ()) -> Iterator[tuple]:
     make = WORLDS[world][1]
     for index in range(count):
-        image, caption = make(seed, index, size)
+        image, caption = make(seed, index, size, categories=categories) if categories else make(seed, index, size)
         extra = {"index": index, "seed": seed, "split": split, "caption": caption, "width": size, "height": size}
         yield f"{split}-{index:09d}", image, caption, extra
 
@@ -63,15 +65,19 @@ def build_shapes(
     samples_per_shard: int = 512,
     image_format: str = "png",
     world: str = "shapes",
+    categories: tuple[str, ...] = (),
 ) -> bool:
-    """Write the dataset of `world` (a key of WORLDS) into `out`; returns False when it was already up
-    to date (nothing written)."""
+    """Write the dataset of `world` (a key of WORLDS) into `out`, with the compose world's captions
+    drawn from `categories` only when given; returns False when it was already up to date (nothing
+    written)."""
     if world not in WORLDS:
         raise ValueError(f"unknown world {world!r}; expected one of {sorted(WORLDS)}")
+    if categories and world != "compose":
+        raise ValueError(f"categories apply to the compose world only, not {world!r}")
     out = Path(out)
     splits = {
-        "train": _source(seed, train, size, samples_per_shard, image_format, world),
-        "val": _source(seed + VAL_SEED_OFFSET, val, size, samples_per_shard, image_format, world),
+        "train": _source(seed, train, size, samples_per_shard, image_format, world, categories),
+        "val": _source(seed + VAL_SEED_OFFSET, val, size, samples_per_shard, image_format, world, categories),
     }
     manifest = read_manifest(out)
     if manifest is not None and all(manifest.get("sources", {}).get(split) == source for split, source in splits.items()):
@@ -80,7 +86,7 @@ def build_shapes(
             return False
     for split, source in splits.items():
         write_shards(
-            _samples(split, source["seed"], source["count"], size, world),
+            _samples(split, source["seed"], source["count"], size, world, categories),
             out,
             prefix=split,
             samples_per_shard=samples_per_shard,
@@ -101,14 +107,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="base seed of the training split")
     parser.add_argument("--samples-per-shard", type=int, default=512)
     parser.add_argument("--image-format", choices=("png", "jpg"), default="png")
+    parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=(),
+                        help="compose world: draw captions from these categories only (default: all six)")
     args = parser.parse_args(argv)
+    if args.categories and args.world != "compose":
+        parser.error("--categories needs --world compose")
     for name in ("train", "val", "size", "samples_per_shard"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
 
     start = time.perf_counter()
     wrote = build_shapes(
-        args.out, args.train, args.val, args.size, args.seed, args.samples_per_shard, args.image_format, args.world
+        args.out, args.train, args.val, args.size, args.seed, args.samples_per_shard, args.image_format, args.world,
+        tuple(args.categories)
     )
     seconds = time.perf_counter() - start
     manifest = read_manifest(args.out) or {"shards": []}

@@ -16,15 +16,20 @@ import csv
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 COMPOSITIONAL = "eval/compositional/"
 VALIDATION_LOSS = "val/loss"
 OTHER_METRICS = ("eval/fid", "eval/kid", "eval/clip_score")
 
 
-def read_series(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """Each metric's (optimizer step, value) points from a Lightning metrics.csv, in step order."""
+def _plotted(name: str) -> bool:
+    return name == VALIDATION_LOSS or name.startswith(COMPOSITIONAL) or name in OTHER_METRICS
+
+
+def read_series(metrics_csv: Path, wanted: Callable[[str], bool] = _plotted) -> dict[str, list[tuple[int, float]]]:
+    """Each `wanted` metric's (optimizer step, value) points from a Lightning metrics.csv, in step
+    order (by default the metrics this tool plots)."""
     if not metrics_csv.is_file():
         raise FileNotFoundError(f"{metrics_csv} does not exist (is it a run directory of sd3train-train?)")
     series: dict[str, dict[int, float]] = defaultdict(dict)
@@ -32,7 +37,7 @@ def read_series(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
         for row in csv.DictReader(stream):
             step = int(row["step"]) + 1
             for name, value in row.items():
-                if value and (name == VALIDATION_LOSS or name.startswith(COMPOSITIONAL) or name in OTHER_METRICS):
+                if value and name not in ("step", "epoch") and wanted(name):
                     series[name][step] = float(value)  # a resumed run's repeated row: the later one
     return {name: sorted(points.items()) for name, points in series.items()}
 

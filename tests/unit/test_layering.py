@@ -24,6 +24,7 @@ LAYERS = (
     ("checkpoint", ("sd3train.checkpoint",)),
     ("lit", ("sd3train.lit",)),
     ("entry", ("sd3train.train", "sd3train.sample", "sd3train.evaluate", "sd3train.export", "sd3train.submit", "sd3train.cli",
+               "sd3train.study", "sd3train.studies",
                "sd3train.curation", "sd3train.tools", "sd3train.bench")),
 )
 

@@ -78,3 +78,21 @@ def test_skip_layer_guidance_matches_the_diffusers_pipeline(tiny_pipeline, tiny_
     unguided = generate_latents(model, text, PROMPTS, SEEDS, LATENT_SHAPE,
                                 SamplerConfig(num_steps=10, guidance_scale=4.5, shift=3.0, uncond="empty_prompt"))
     assert relative_error(ours, unguided) > 1e-3  # the guidance changed the result
+
+
+def test_sampling_without_t5_matches_the_pipeline_without_its_t5(tiny_pipeline, tiny_pipeline_folder):
+    """diffusion.sampler.drop_encoders=[t5] is diffusers' StableDiffusion3Pipeline built with
+    text_encoder_3=None (SD3's T5-free inference: zeros in place of T5's tokens, prompt and negative)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipeline, _ = tiny_pipeline
+    without_t5 = StableDiffusion3Pipeline(**{**pipeline.components, "text_encoder_3": None, "tokenizer_3": None})
+    sampler = SamplerConfig(num_steps=4, guidance_scale=4.5, shift=3.0, uncond="empty_prompt", drop_encoders=["t5"])
+    model = load_transformer(tiny_pipeline_folder)
+    text = load_text_conditioner(tiny_pipeline_folder)
+    ours = generate_latents(model, text, PROMPTS, SEEDS, LATENT_SHAPE, sampler)
+    expected = pipeline_latents(without_t5, initial_noise(SEEDS, LATENT_SHAPE), sampler)
+    assert relative_error(ours, expected) < 1e-4
+    with_t5 = generate_latents(model, text, PROMPTS, SEEDS, LATENT_SHAPE, SamplerConfig(
+        num_steps=4, guidance_scale=4.5, shift=3.0, uncond="empty_prompt"))
+    assert relative_error(with_t5, expected) > 1e-3  # T5 mattered: the check above can fail

@@ -9,6 +9,8 @@ from tests.support.config import compose_config
 
 BAD = [
     (["model.depth=abc"], ["model.depth: expected int, got str 'abc'"]),
+    (["diffusion.sampler.drop_encoders=[t5,t6]"], ["diffusion.sampler.drop_encoders: unknown encoder(s) ['t6']"]),
+    (["eval.without_encoders=[clip]"], ["eval.without_encoders: unknown encoder(s) ['clip']"]),
     (["+trainer.max_step=10"], ["trainer.max_step: unknown key"]),
     (["trainer.global_batch_size=100", "data.batch_size=8", "trainer.devices=2", "trainer.accumulate_grad_batches=3"],
      ["trainer.global_batch_size: 100 != data.batch_size 8 x trainer.accumulate_grad_batches 3 x trainer.devices 2 x "

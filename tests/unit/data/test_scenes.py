@@ -171,3 +171,21 @@ def test_make_shapes_writes_the_compose_world(tmp_path):
     assert read_manifest(tmp_path / "a")["sources"]["train"]["generator"] == "sd3train.data.shapes"
     with pytest.raises(ValueError, match="unknown world"):
         build_shapes(tmp_path / "c", **{**arguments, "world": "galaxies"})
+
+
+def test_make_shapes_can_draw_some_categories_only(tmp_path):
+    # --categories: a training mix weighted toward some categories (e.g. one-object scenes).
+    arguments = dict(train=40, val=4, size=32, samples_per_shard=20, world="compose", categories=("single_object",))
+    assert build_shapes(tmp_path / "a", **arguments)
+    with tarfile.open(tmp_path / "a" / "train-000000.tar") as archive:
+        captions = [archive.extractfile(member).read().decode() for member in archive.getmembers()
+                    if member.name.endswith(".txt")]
+    assert {parse_scene_caption(caption).category for caption in captions} == {"single_object"}
+    assert read_manifest(tmp_path / "a")["sources"]["train"]["categories"] == ["single_object"]
+    assert not build_shapes(tmp_path / "a", **arguments)  # up to date
+    assert build_shapes(tmp_path / "a", **{**arguments, "categories": ()})  # all six: a rebuild
+    assert "categories" not in read_manifest(tmp_path / "a")["sources"]["train"]
+    with pytest.raises(ValueError, match="compose world only"):
+        build_shapes(tmp_path / "b", **{**arguments, "world": "shapes"})
+    with pytest.raises(ValueError, match="unknown categories"):
+        make_scene_sample(0, 0, 32, categories=("selfies",))

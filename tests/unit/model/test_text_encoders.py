@@ -228,3 +228,16 @@ def test_init_is_bit_identical_in_another_process(conditioner):
     state = conditioner.state_dict()
     digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state)))
     assert result.stdout.strip().splitlines()[-1] == digest.hexdigest()
+
+
+def test_encode_without_t5_zeroes_exactly_the_t5_context(conditioner):
+    # SD3's T5-free inference (diffusion.sampler.drop_encoders=[t5]): the T5 tokens zeros, CLIP as is.
+    full_context, full_pooled = conditioner.encode(PROMPTS)
+    context, pooled = conditioner.encode(PROMPTS, without=("t5",))
+    assert torch.equal(context[:, :LC], full_context[:, :LC]) and torch.equal(pooled, full_pooled)
+    assert torch.all(context[:, LC:] == 0) and full_context[:, LC:].abs().max() > 0
+    context, pooled = conditioner.encode(PROMPTS, without=("clip_l", "t5"))
+    assert torch.all(context[:, :LC, :DL] == 0) and torch.equal(context[:, :LC, DL:], full_context[:, :LC, DL:])
+    assert torch.all(pooled[:, :PL] == 0) and torch.equal(pooled[:, PL:], full_pooled[:, PL:])
+    with pytest.raises(ValueError, match="unknown text encoder"):
+        conditioner.encode(PROMPTS, without=("t6",))
