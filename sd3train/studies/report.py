@@ -202,6 +202,7 @@ def draw_plot(name: str, data: dict[str, dict], grids: dict[str, Path], title: s
             axis.set_ylabel("final validation loss")
             axis.legend(fontsize=7)
         figure.suptitle(title)
+        figure.tight_layout()
         return figure
     if name == "loss_per_t":  # the loss at t spans 10x (t = 0 cannot be predicted): each arm against the mean too
         figure = Figure(figsize=(12, 4.5))
