@@ -139,16 +139,21 @@ def remove_leftovers(folder: Path, names: Iterable[str]) -> int:
     return removed
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """`text` at `path`, whole or not at all (temporary file, fsync, rename)."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path`, whole or not at all (temporary file, fsync, rename)."""
     descriptor, temporary = temporary_file(path.parent, path.name)
     try:
-        with os.fdopen(descriptor, "w") as stream:
-            stream.write(text)
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(data)
             sync(stream)
         replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` (UTF-8) at `path`, whole or not at all."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, payload) -> None:

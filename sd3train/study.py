@@ -74,8 +74,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return USAGE_EXIT_CODE
-    to_run = plan.to_run(flags["retry_failed"])
-    done = sum(state == "done" for state in plan.states().values())
+    states = plan.states()
+    to_run = plan.to_run(flags["retry_failed"], states)
+    done = sum(state == "done" for state in states.values())
     print(f"{PROG}: {spec.name}: {len(plan.jobs)} jobs, {done} done, {len(to_run)} to run, in {plan.root}",
           file=sys.stderr, flush=True)
     if to_run and not flags["report_only"]:

@@ -2,8 +2,7 @@
 
     write_arrays(path, {"keys": keys, "descriptors": vectors, "descriptor": np.array(name)})
     arrays = read_arrays(path)                  # dict of numpy arrays (np.load of an .npz)
-    write_text(path, text)                      # blocklist.txt, report.json
-    write_bytes(path, data)                     # example PNGs
+    (text files and PNGs: durable.write_text_atomic / write_bytes_atomic)
 
 Layout of an output folder OUT:
     OUT/embeddings/<shard>.npz   per input shard (`<shard>` = its tar name without `.tar`): `keys`
@@ -24,13 +23,12 @@ own savez stamps the current time), so equal arrays give equal bytes.
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from sd3train.durable import replace, sync, temporary_file
+from sd3train.durable import write_bytes_atomic
 
 EMBEDDINGS_DIR = "embeddings"
 CLUSTERS_NAME = "clusters.npz"
@@ -44,22 +42,6 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip header can hold
 def embedding_name(shard_name: str) -> str:
     """`00001.tar` -> `00001.npz`."""
     return shard_name[: -len(".tar")] + ".npz"
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """`data` at `path`, replacing what is there, atomically."""
-    descriptor, temporary = temporary_file(path.parent, path.name)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-            sync(stream)
-        replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -76,7 +58,7 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    write_bytes(path, npz_bytes(arrays))
+    write_bytes_atomic(path, npz_bytes(arrays))
 
 
 def read_arrays(path: Path, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from sd3train.curation.dedup_files import write_bytes, write_text
+from sd3train.durable import write_bytes_atomic, write_text_atomic
 from sd3train.data.tar_reader import RawSample, read_shard
 
 TILE = 160  # pixels per thumbnail side
@@ -37,7 +37,7 @@ def blocklist_text(removed: list[str]) -> str:
 
 
 def write_blocklist(path: Path, removed: list[str]) -> None:
-    write_text(path, blocklist_text(removed))
+    write_text_atomic(path, blocklist_text(removed))
 
 
 def groups_text(groups: list[list[int]], keys: list[str]) -> str:
@@ -47,7 +47,7 @@ def groups_text(groups: list[list[int]], keys: list[str]) -> str:
 
 
 def write_groups(path: Path, groups: list[list[int]], keys: list[str]) -> None:
-    write_text(path, groups_text(groups, keys))
+    write_text_atomic(path, groups_text(groups, keys))
 
 
 def size_histogram(groups: list[list[int]]) -> dict[str, int]:
@@ -110,10 +110,10 @@ def write_examples(folder: Path, named_groups: list[list[str]], url_of_key: dict
         path = folder / f"group-{number:03d}.png"
         buffer = io.BytesIO()
         grid(names, images).save(buffer, format="PNG")
-        write_bytes(path, buffer.getvalue())
+        write_bytes_atomic(path, buffer.getvalue())
         entries.append({"image": f"{folder.name}/{path.name}", "kept": names[0], "blocklisted": names[1:]})
     return entries
 
 
 def write_report(path: Path, report: dict) -> None:
-    write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -112,6 +112,12 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return sorted(found)
 
 
+def run_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric's (optimizer step, value) points in a run's metrics.csv; none before it exists."""
+    metrics = run_dir / "metrics.csv"
+    return read_series(metrics, wanted=lambda name: True) if metrics.is_file() else {}
+
+
 def job_state(job: Job, metrics: list[str], failed: dict | None = None) -> str:
     """'done', or what it is instead (module docstring)."""
     if not job.run_dir.is_dir():
@@ -130,7 +136,7 @@ def job_state(job: Job, metrics: list[str], failed: dict | None = None) -> str:
         return f"failed at step {final} (exit status {status}: {EXIT_REASONS.get(status, 'error')})"
     if final < job.max_steps:
         return f"at step {final} of {job.max_steps}"
-    series = read_series(job.run_dir / "metrics.csv", wanted=lambda name: True) if (job.run_dir / "metrics.csv").is_file() else {}
+    series = run_series(job.run_dir)
     # read_series gives a row of step k as k + 1: the validation after the last step is max_steps.
     absent = [metric for metric in metrics
               if metric not in DERIVED_METRICS and not (series.get(metric) and series[metric][-1][0] >= job.max_steps)]
@@ -143,6 +149,7 @@ class StudyPlan:
     extra: list[str]  # the command line's overrides, to every job
     runs_dir: str
     jobs: list[Job]
+    model_sizes: dict = field(default_factory=dict, repr=False)  # arm -> (parameters, FLOPs): report.model_size
 
     @property
     def root(self) -> Path:
@@ -165,10 +172,11 @@ class StudyPlan:
         failed = self.failed()
         return {job: job_state(job, self.spec.metrics, failed) for job in self.jobs}
 
-    def to_run(self, retry_failed: bool = False) -> list[Job]:
-        """The jobs a run trains: not started or stopped part-way (and failed ones when asked)."""
+    def to_run(self, retry_failed: bool = False, states: dict[Job, str] | None = None) -> list[Job]:
+        """The jobs a run trains: not started or stopped part-way (and failed ones when asked);
+        `states` when the caller has them already."""
         runnable = ("not started", "at step") + (("failed",) if retry_failed else ())
-        return [job for job, state in self.states().items() if state.startswith(runnable)]
+        return [job for job, state in (states or self.states()).items() if state.startswith(runnable)]
 
 
 def plan_study(spec: StudySpec, extra: list[str]) -> StudyPlan:

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Optional
 
 from sd3train.durable import write_json_atomic, write_text_atomic
-from sd3train.studies.plan import Job, StudyPlan
+from sd3train.studies.plan import Job, StudyPlan, run_series
 from sd3train.studies.spec import parse_claim
-from sd3train.tools.plot_eval import read_series
 
 VALIDATION_LOSS = "val/loss"
 _T_METRIC = re.compile(r"^val/loss_t(\d+\.\d+)$")
@@ -52,8 +51,7 @@ class RunResult:
 def collect(plan: StudyPlan) -> list[RunResult]:
     results = []
     for job, state in plan.states().items():
-        metrics = job.run_dir / "metrics.csv"
-        series = read_series(metrics, wanted=lambda name: True) if metrics.is_file() else {}
+        series = run_series(job.run_dir)
         grids = sorted((job.run_dir / "samples").glob("eval-step-*.png"),
                        key=lambda path: int(path.stem.rsplit("-", 1)[1]))
         results.append(RunResult(job, state, series, grids[-1] if grids else None))
@@ -135,10 +133,9 @@ def curve_plot_name(metric: str) -> str:
 def model_size(plan: StudyPlan, arm: str) -> tuple[int, int]:
     """(parameters of the arm's denoiser, its training FLOPs over trainer.max_steps), from its config
     (the FLOPs count is MM-DiT's, sd3train/model/flops.py). Computed once per plan and arm."""
-    cache = plan.__dict__.setdefault("_model_sizes", {})
-    if arm not in cache:
-        cache[arm] = _model_size(plan, arm)
-    return cache[arm]
+    if arm not in plan.model_sizes:
+        plan.model_sizes[arm] = _model_size(plan, arm)
+    return plan.model_sizes[arm]
 
 
 def _model_size(plan: StudyPlan, arm: str) -> tuple[int, int]:
